@@ -1,0 +1,119 @@
+"""The shared defaults every experiment config starts from, and their validation.
+
+An experiment is one file in configs/ whose `get_config(arg)` calls `base_config()` and changes
+what it varies. Code reads the config at the top (train.py, model constructors) and passes plain
+values down.
+"""
+import ml_collections
+
+# Logical axis -> mesh axes. One table covers pure data parallel, FSDP, tensor parallel and their
+# combinations: a mesh axis of size 1 shards nothing. Column-split qkv/up/gate ('heads', 'mlp'),
+# row-split out/down (their input axis is 'heads'/'mlp'), vocab split for embed and head.
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('vocab', 'tensor'),
+    ('head_dim', None),
+    ('length', None),
+    ('layers', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_mlp', 'tensor'),
+)
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """Llama-style defaults; GPT-2, Mistral and Qwen2 are other settings of the same fields."""
+  return ml_collections.ConfigDict(dict(
+      vocab_size=0,  # 0: take the tokenizer's vocab size.
+      d_model=256,
+      num_layers=4,
+      num_heads=4,
+      num_kv_heads=4,  # == num_heads: MHA; 1: MQA; in between: GQA.
+      head_dim=64,
+      d_ff=1024,
+      mlp='swiglu',  # swiglu | geglu | gelu | relu
+      norm='rmsnorm',  # rmsnorm | layernorm
+      norm_eps=1e-5,
+      positions='rope',  # rope | learned | none
+      rope_theta=10_000.0,
+      max_seq_len=2048,  # Rows of the learned position table; the longest seq_len allowed.
+      sliding_window=0,  # 0: full causal attention; W: attend to the last W positions (Mistral).
+      qkv_bias=False,
+      out_bias=False,
+      mlp_bias=False,
+      tie_embeddings=False,
+      qk_norm=False,
+      dropout=0.0,
+      attention='xla',  # xla: einsum + softmax; dot_product: jax.nn.dot_product_attention (cuDNN flash on GPU)
+      scan_layers=False,
+      remat='none',  # none | full | dots | dots_no_batch
+      param_dtype='float32',
+      dtype='float32',  # compute dtype: activations and matmul inputs.
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.total_steps = 1000
+  config.batch_size = 16  # Global, across all processes and devices.
+  config.seq_len = 128
+  config.grad_accum_steps = 1  # Micro-batches per step; batch_size must divide evenly.
+  config.z_loss = 0.0  # Weight of log(Z)^2 (PaLM); 1e-4 stabilises large bf16 runs.
+  config.log_every_steps = 10
+  config.eval_every_steps = 200
+  config.eval_batches = 8
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+
+  config.model = model_config()
+
+  config.data = ml_collections.ConfigDict(dict(
+      source='stdlib',  # stdlib | text | tfds
+      path='',  # text: a file, a directory or a glob.
+      tfds_name='',  # tfds: dataset name, e.g. 'lm1b'.
+      tfds_data_dir='',  # tfds: where prepared data lives ('' = TFDS default).
+      train_split='train',  # tfds split names
+      eval_split='test',
+      text_key='text',  # tfds feature holding the text
+      val_fraction=0.1,  # stdlib/text: share held out for validation.
+      tokenizer='sentencepiece',  # sentencepiece | bytes
+      tokenizer_path='',  # An existing .model; '' trains one (cached in the workdir).
+      vocab_size=1024,  # sentencepiece vocabulary to train.
+      spm_train_chars=20_000_000,  # Text fed to the sentencepiece trainer (cap).
+  ))
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name='adamw',  # adamw | adafactor | sgd
+      learning_rate=1e-3,
+      schedule='cosine',  # cosine | linear | wsd (warmup, constant, linear cooldown)
+      warmup_steps=100,
+      cooldown_steps=0,  # wsd: length of the final linear decay to min_lr_ratio.
+      min_lr_ratio=0.1,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      momentum=0.9,  # sgd
+      weight_decay=0.1,
+      decay_embeddings=False,  # Norms and biases never decay.
+      clip_norm=1.0,  # 0 disables global-norm clipping.
+  ))
+
+  config.mesh = ml_collections.ConfigDict(dict(
+      data=-1,  # -1: all devices not used by the other axes.
+      fsdp=1,
+      tensor=1,
+      rules=DEFAULT_RULES,
+  ))
+
+  config.sample = ml_collections.ConfigDict(dict(
+      prompt='',
+      num_tokens=200,
+      temperature=0.8,
+      top_k=40,
+  ))
+  return config

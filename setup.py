@@ -1,0 +1,34 @@
+"""lepton_jax: a JAX/Flax codebase for training and adapting Transformer language models."""
+import setuptools
+
+setuptools.setup(
+    name='lepton_jax',
+    version='0.1.0',
+    description='Train and adapt Transformer language models in JAX/Flax, TPU-first.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.11',
+    packages=setuptools.find_packages(include=['lepton_jax', 'lepton_jax.*']),
+    install_requires=[
+        'jax>=0.10',
+        'flax>=0.12',
+        'optax>=0.2.5',
+        'orbax-checkpoint>=0.11',
+        'ml-collections>=1.0',
+        'absl-py',
+        'numpy',
+        'sentencepiece>=0.2',
+        'tensorflow-datasets>=4.9.8',
+        'array-record',
+        'grain>=0.2.12',
+        'tensorboardX',
+        'tqdm',
+    ],
+    extras_require={
+        'test': ['pytest', 'pytest-xdist', 'nbclient', 'nbformat', 'ipykernel', 'matplotlib'],
+        'notebook': ['matplotlib'],
+        'gpu': ['jax[cuda12]'],
+        'tpu': ['jax[tpu]'],
+    },
+    entry_points={'console_scripts': ['lepton-train=lepton_jax.train:run']},
+)
