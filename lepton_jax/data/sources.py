@@ -1,0 +1,142 @@
+"""Text sources, each split into train and eval documents (sequences of strings).
+
+stdlib: the .py files of the running interpreter's standard library, split by file.
+text:   a file, a directory or a glob; every file is split head (train) / tail (eval).
+tfds:   a prepared TFDS dataset read through `tfds.data_source` (random access, no TensorFlow).
+"""
+from collections.abc import Sequence
+import glob
+import hashlib
+import os
+import pathlib
+import sysconfig
+
+import ml_collections
+
+SPLITS = ('train', 'eval')
+
+
+def load_documents(data_config: ml_collections.ConfigDict, split: str) -> Sequence[str]:
+  """The documents of `split` ('train' or 'eval') of the configured source."""
+  if split not in SPLITS:
+    raise ValueError(f'split={split!r} is not one of {SPLITS}.')
+  source = data_config.source
+  if source == 'stdlib':
+    documents = stdlib_documents(data_config.val_fraction, split)
+  elif source == 'text':
+    documents = text_documents(data_config.path, data_config.val_fraction, split)
+  elif source == 'tfds':
+    split_name = data_config.train_split if split == 'train' else data_config.eval_split
+    documents = tfds_documents(
+        data_config.tfds_name, split_name, data_config.text_key, data_config.tfds_data_dir)
+  else:
+    raise ValueError(f"data.source={source!r} is not one of 'stdlib', 'text', 'tfds'.")
+  if not any(documents):
+    raise ValueError(f'{describe_source(data_config)} has no text in its {split} split; '
+                     'add text or change data.val_fraction / the split names.')
+  return documents
+
+
+def describe_source(data_config: ml_collections.ConfigDict) -> str:
+  """A short name for the source, for error messages and logs."""
+  if data_config.source == 'stdlib':
+    return f'data.source=stdlib ({stdlib_root()})'
+  if data_config.source == 'text':
+    return f'data.source=text (data.path={data_config.path!r})'
+  return f'data.source=tfds (data.tfds_name={data_config.tfds_name!r})'
+
+
+def stdlib_root() -> pathlib.Path:
+  return pathlib.Path(sysconfig.get_paths()['stdlib'])
+
+
+def stdlib_paths(val_fraction: float, split: str) -> list[pathlib.Path]:
+  """The standard library's .py files of `split`, sorted; installed packages excluded."""
+  root = stdlib_root()
+  paths = []
+  for directory, subdirs, files in os.walk(root):
+    subdirs[:] = sorted(d for d in subdirs if d not in ('site-packages', 'dist-packages'))
+    for name in sorted(files):
+      if name.endswith('.py'):
+        path = pathlib.Path(directory, name)
+        in_eval = _hash_fraction(path.relative_to(root).as_posix()) < val_fraction
+        if in_eval == (split == 'eval'):
+          paths.append(path)
+  return paths
+
+
+def _hash_fraction(key: str) -> float:
+  """A number in [0, 1) fixed by `key`: the same on every machine and Python run."""
+  return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], 'big') / 2**64
+
+
+def stdlib_documents(val_fraction: float, split: str) -> list[str]:
+  documents = []
+  for path in stdlib_paths(val_fraction, split):
+    try:
+      documents.append(path.read_bytes().decode('utf-8'))
+    except UnicodeDecodeError:
+      continue  # The test suite keeps a few deliberately mis-encoded files.
+  return documents
+
+
+def text_documents(path: str, val_fraction: float, split: str) -> list[str]:
+  """Every matched file's first (1 - val_fraction) characters for train, the rest for eval."""
+  texts = [_read_utf8(file) for file in _matching_files(path)]
+  if not any(texts):
+    raise ValueError(f'data.path={path!r}: all {len(texts)} matching files are empty.')
+  documents = []
+  for text in texts:
+    cut = int(len(text) * (1 - val_fraction))
+    documents.append(text[:cut] if split == 'train' else text[cut:])
+  return documents
+
+
+def _matching_files(path: str) -> list[str]:
+  if os.path.isfile(path):
+    return [path]
+  if os.path.isdir(path):
+    files = (os.path.join(d, name) for d, _, names in os.walk(path) for name in names)
+  else:
+    files = glob.glob(path, recursive=True)
+  files = sorted(f for f in files if os.path.isfile(f))
+  if not files:
+    raise FileNotFoundError(f'data.path={path!r} matches no file; give a file, a directory or a glob.')
+  return files
+
+
+def _read_utf8(file: str) -> str:
+  with open(file, 'rb') as f:
+    data = f.read()
+  try:
+    return data.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{file} is not UTF-8 (invalid byte at offset {e.start}); '
+                     're-encode it or drop it from data.path.') from None
+
+
+class TfdsText(Sequence):
+  """Random access to one text feature of a TFDS data source, decoded to str."""
+
+  def __init__(self, data_source, text_key: str):
+    self._data_source = data_source
+    self._text_key = text_key
+
+  def __len__(self) -> int:
+    return len(self._data_source)
+
+  def __getitem__(self, index: int) -> str:
+    text = self._data_source[index][self._text_key]
+    return text.decode('utf-8') if isinstance(text, bytes) else text
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+
+def tfds_documents(name: str, split: str, text_key: str, data_dir: str) -> TfdsText:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # Slow import, tfds runs only.
+  data_source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+  if len(data_source) and text_key not in data_source[0]:
+    raise ValueError(f'data.text_key={text_key!r} is not a feature of tfds {name!r} split '
+                     f'{split!r}; available: {sorted(data_source[0])}.')
+  return TfdsText(data_source, text_key)
