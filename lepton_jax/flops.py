@@ -1,0 +1,168 @@
+"""Model FLOPs utilisation (MFU): FLOPs per training token, and the peak FLOP/s of a device.
+
+MFU = achieved model FLOP/s / peak FLOP/s. "Model" FLOPs are the matmuls the architecture needs,
+written out from the config (PaLM, appendix B), not what the compiler happens to execute: masked
+attention blocks, recomputation under remat and elementwise work (norms, softmax, activations)
+do not count. Peaks are dense (no 2:4 sparsity) vendor figures per JAX device; on CPU there is no
+meaningful spec sheet, so the peak is a measured f32 matmul rate.
+"""
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+GATED_MLPS = ('swiglu', 'geglu')  # up, gate and down projections: 3 matrices.
+PLAIN_MLPS = ('gelu', 'relu')  # up and down projections: 2 matrices.
+
+# The backward pass costs two matmuls per forward matmul (gradients w.r.t. inputs and weights).
+TRAIN_TO_FORWARD_FLOPS = 3
+
+
+def attention_projection_params(model_config: ml_collections.ConfigDict) -> int:
+  """Weights of q, k, v and the output projection in one layer."""
+  d_model, head_dim = model_config.d_model, model_config.head_dim
+  q_width = model_config.num_heads * head_dim
+  kv_width = model_config.num_kv_heads * head_dim  # GQA/MQA: fewer k and v heads.
+  return d_model * q_width + 2 * d_model * kv_width + q_width * d_model
+
+
+def mlp_params(model_config: ml_collections.ConfigDict) -> int:
+  """Weights of the MLP in one layer."""
+  if model_config.mlp in GATED_MLPS:
+    num_matrices = 3
+  elif model_config.mlp in PLAIN_MLPS:
+    num_matrices = 2
+  else:
+    raise ValueError(f'Unknown mlp {model_config.mlp!r}; expected one of {GATED_MLPS + PLAIN_MLPS}.')
+  return num_matrices * model_config.d_model * model_config.d_ff
+
+
+def matmul_params(model_config: ml_collections.ConfigDict) -> int:
+  """Weights that each token multiplies once per forward pass.
+
+  The LM head counts even when tied to the embedding: the lookup is a gather, the head a matmul.
+  """
+  if model_config.vocab_size <= 0:
+    raise ValueError('vocab_size must be resolved (from the tokenizer) before counting FLOPs.')
+  per_layer = attention_projection_params(model_config) + mlp_params(model_config)
+  lm_head = model_config.d_model * model_config.vocab_size
+  return model_config.num_layers * per_layer + lm_head
+
+
+def mean_attended_keys(seq_len: int, sliding_window: int = 0) -> float:
+  """Keys a query attends to, averaged over the positions of a sequence.
+
+  Under a causal mask the query at position i (0-based) sees keys 0..i: i + 1 of them, so the
+  mean over seq_len queries is (seq_len + 1) / 2, about half of the seq_len keys that a
+  bidirectional model scores. PaLM's 12 * L * H * Q * T attention term is that non-causal figure;
+  counting it for a causal LM would credit the model with the masked-out half.
+
+  A sliding window W (Mistral: the last W positions, the query's own included) caps each query at
+  min(i + 1, W) keys.
+  """
+  window = sliding_window if 0 < sliding_window < seq_len else seq_len
+  # Queries 0..window-1 see 1..window keys; the remaining seq_len - window see window each.
+  total_keys = window * (window + 1) / 2 + (seq_len - window) * window
+  return total_keys / seq_len
+
+
+def attention_flops_per_token(model_config: ml_collections.ConfigDict, seq_len: int) -> float:
+  """Forward FLOPs of QK^T and AV for one token, summed over heads and layers."""
+  keys = mean_attended_keys(seq_len, model_config.sliding_window)
+  # Per head and key: a head_dim dot product for the score, a head_dim axpy for the value; each
+  # multiply-add is 2 FLOPs. k/v sharing under GQA does not shrink this: every query head scores.
+  per_layer = 2 * (2 * model_config.head_dim * keys) * model_config.num_heads
+  return model_config.num_layers * per_layer
+
+
+def forward_flops_per_token(model_config: ml_collections.ConfigDict, seq_len: int) -> float:
+  """Forward FLOPs for one token: 2 FLOPs per weight (multiply-add), plus attention."""
+  return 2 * matmul_params(model_config) + attention_flops_per_token(model_config, seq_len)
+
+
+def train_flops_per_token(model_config: ml_collections.ConfigDict, seq_len: int) -> float:
+  """Forward plus backward FLOPs for one token of a seq_len-long training sequence."""
+  return TRAIN_TO_FORWARD_FLOPS * forward_flops_per_token(model_config, seq_len)
+
+
+# Dense peak FLOP/s per JAX device, as (bf16, f32). The f32 column is what a default-precision f32
+# matmul reaches: TPUs run it as one bf16 MXU pass, so it equals bf16; NVIDIA (Ampere and newer)
+# runs it on TF32 tensor cores under XLA's default precision. Keys are `device_kind` prefixes; the
+# longest matching prefix wins, so 'TPU v5 lite' is not read as 'TPU v5' and one 'NVIDIA A100' row
+# covers 'NVIDIA A100-SXM4-80GB' and 'NVIDIA A100 80GB PCIe' (same peak).
+# Sources: jax/_src/pallas/mosaic/tpu_info.py and Google Cloud TPU docs; NVIDIA datasheets
+# (sparse figures halved).
+PEAK_FLOPS_BY_DEVICE_KIND = {
+    'TPU v2': (45e12 / 2, 45e12 / 2),  # v2, v3: each of a chip's 2 cores is a device.
+    'TPU v3': (123e12 / 2, 123e12 / 2),
+    'TPU v4': (275e12, 275e12),  # Megacore: one device is the whole 2-core chip.
+    'TPU v4 lite': (137e12, 137e12),
+    'TPU v5 lite': (197e12, 197e12),  # v5e
+    'TPU v5e': (197e12, 197e12),
+    'TPU v5': (459e12, 459e12),  # v5p, megacore.
+    'TPU v5p': (459e12, 459e12),
+    'TPU v6 lite': (918e12, 918e12),  # v6e (Trillium)
+    'TPU v6e': (918e12, 918e12),
+    'TPU7x': (2307e12 / 2, 2307e12 / 2),  # Ironwood: no megacore, a device is half a chip.
+    'NVIDIA A100': (312e12, 156e12),
+    'NVIDIA H100': (989e12, 495e12),  # SXM: device_kind 'NVIDIA H100 80GB HBM3'.
+    'NVIDIA H100 PCIe': (756e12, 378e12),
+    'NVIDIA H100 NVL': (835e12, 418e12),
+    'NVIDIA GH200': (989e12, 495e12),
+    'NVIDIA H200': (989e12, 495e12),
+    'NVIDIA H200 NVL': (835e12, 418e12),
+    'NVIDIA B200': (2250e12, 1100e12),
+}
+
+_DTYPE_COLUMN = {'bfloat16': 0, 'float16': 0, 'float32': 1}
+
+
+def device_peak_flops(device, dtype) -> float | None:
+  """Dense peak FLOP/s of `device` for matmuls in `dtype`; None if the device is not in the table."""
+  dtype_name = jnp.dtype(dtype).name
+  if dtype_name not in _DTYPE_COLUMN:
+    raise ValueError(f'No peak FLOP/s for dtype {dtype_name}; expected one of {list(_DTYPE_COLUMN)}.')
+  matches = [kind for kind in PEAK_FLOPS_BY_DEVICE_KIND if device.device_kind.startswith(kind)]
+  if not matches:
+    return None
+  return PEAK_FLOPS_BY_DEVICE_KIND[max(matches, key=len)][_DTYPE_COLUMN[dtype_name]]
+
+
+@functools.cache
+def measured_cpu_peak_flops(size: int = 2048, warmup: int = 2, repeats: int = 5) -> float:
+  """Best observed FLOP/s of a jitted square f32 matmul on the CPU backend, all cores (~0.5 s).
+
+  Best-of rather than mean: the machine's speed swings, and a peak is the rate reachable when it
+  is quiet. Memoized so that every MFU figure in a process divides by the same number.
+  """
+  matmul = jax.jit(jnp.matmul)
+  keys = jax.random.split(jax.random.key(0))
+  lhs_NN, rhs_NN = (jax.random.normal(key, (size, size), jnp.float32) for key in keys)
+  for _ in range(warmup):
+    matmul(lhs_NN, rhs_NN).block_until_ready()
+  best_seconds = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(lhs_NN, rhs_NN).block_until_ready()
+    best_seconds = min(best_seconds, time.perf_counter() - start)
+  return 2 * size**3 / best_seconds
+
+
+def peak_flops_per_device(dtype) -> float | None:
+  """Peak FLOP/s of this process's first device: the table on accelerators, measured on CPU.
+
+  On CPU the f32 rate serves every dtype: bf16 matmuls there are no faster than f32.
+  """
+  device = jax.devices()[0]
+  if device.platform == 'cpu':
+    return measured_cpu_peak_flops()
+  return device_peak_flops(device, dtype)
+
+
+def mfu(tokens_per_sec_per_device: float, flops_per_token: float, peak: float | None) -> float | None:
+  """Model FLOPs utilisation in [0, 1]; None when the peak is unknown."""
+  if peak is None:
+    return None
+  return tokens_per_sec_per_device * flops_per_token / peak
