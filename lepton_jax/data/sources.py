@@ -134,7 +134,8 @@ class TfdsText(Sequence):
 
 
 def tfds_documents(name: str, split: str, text_key: str, data_dir: str) -> TfdsText:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # Slow import, tfds runs only.
+  # Imported here: it is slow, and only tfds runs need it.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_source = tfds.data_source(name, split=split, data_dir=data_dir or None)
   if len(data_source) and text_key not in data_source[0]:
     raise ValueError(f'data.text_key={text_key!r} is not a feature of tfds {name!r} split '

@@ -16,9 +16,10 @@ import sentencepiece as spm
 
 from lepton_jax.data import sources
 
-# Trainer settings that keep decode(encode(text)) == text for any text, code included: no
-# normalization, no dummy leading space, runs of spaces may merge into one piece, byte pieces for
-# characters outside the vocabulary. BPE trains ~20x faster than unigram.
+# Trainer settings that keep decode(encode(text)) == text, code included: no normalization, no
+# dummy leading space, runs of spaces may merge into one piece, byte pieces for characters outside
+# the vocabulary. (The one exception is U+2581, SentencePiece's space marker, which decodes as a
+# space.) BPE trains ~20x faster than unigram.
 SPM_TRAINER_OPTIONS = dict(
     model_type='bpe',
     byte_fallback=True,
@@ -38,6 +39,7 @@ SPM_TRAINER_OPTIONS = dict(
 
 
 class Tokenizer(Protocol):
+  """What the pipeline and samplers need: ids for text, text for ids, and a separator."""
   vocab_size: int
   eos_id: int  # Separates documents in the packed token stream.
 
