@@ -117,3 +117,55 @@ def base_config() -> ml_collections.ConfigDict:
       top_k=40,
   ))
   return config
+
+
+CHOICES = {
+    'model.mlp': ('swiglu', 'geglu', 'gelu', 'relu'),
+    'model.norm': ('rmsnorm', 'layernorm'),
+    'model.positions': ('rope', 'learned', 'none'),
+    'model.attention': ('xla', 'dot_product', 'cudnn'),
+    'model.remat': ('none', 'full', 'dots', 'dots_no_batch'),
+    'model.param_dtype': ('float32', 'bfloat16'),
+    'model.dtype': ('float32', 'bfloat16'),
+    'data.source': ('stdlib', 'text', 'tfds'),
+    'data.tokenizer': ('sentencepiece', 'bytes'),
+    'optimizer.name': ('adamw', 'adafactor', 'sgd'),
+    'optimizer.schedule': ('cosine', 'linear', 'wsd'),
+}
+POSITIVE = ('total_steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every_steps',
+            'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'model.d_model',
+            'model.num_layers', 'model.num_heads', 'model.num_kv_heads', 'model.head_dim',
+            'model.d_ff', 'model.max_seq_len')
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+  for part in dotted.split('.'):
+    config = config[part]
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks that need no devices or data; raises ValueError naming the offending key."""
+  for key, choices in CHOICES.items():
+    if _get(config, key) not in choices:
+      raise ValueError(f'config.{key}={_get(config, key)!r}: expected one of {choices}')
+  for key in POSITIVE:
+    if _get(config, key) <= 0:
+      raise ValueError(f'config.{key}={_get(config, key)!r}: must be positive')
+  m = config.model
+  if config.seq_len > m.max_seq_len:
+    raise ValueError(f'config.seq_len={config.seq_len} exceeds config.model.max_seq_len='
+                     f'{m.max_seq_len}, the longest sequence the model has positions for')
+  if config.batch_size % config.grad_accum_steps:
+    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by '
+                     f'config.grad_accum_steps={config.grad_accum_steps}')
+  if m.num_heads % m.num_kv_heads:
+    raise ValueError(f'config.model.num_heads={m.num_heads} is not a multiple of '
+                     f'config.model.num_kv_heads={m.num_kv_heads}')
+  if m.positions == 'rope' and m.head_dim % 2:
+    raise ValueError(f'config.model.head_dim={m.head_dim} must be even for rope')
+  if m.dropout and m.attention != 'xla':
+    raise ValueError(f'config.model.dropout={m.dropout} needs config.model.attention="xla" '
+                     f'(fused attention kernels have no attention dropout)')
+  if m.vocab_size < 0 or not 0.0 <= m.dropout < 1.0:
+    raise ValueError('config.model.vocab_size must be >= 0 and config.model.dropout in [0, 1)')

@@ -1,0 +1,57 @@
+"""A ~1.2B-parameter Llama-3-style model for a TPU slice (v5e-16 or v5p-8), FSDP over all chips.
+
+  python -m lepton_jax.train --config=configs/llama_1b.py:v5e-16 --workdir=gs://BUCKET/llama_1b
+
+The argument names the slice; it sets the mesh and the global batch. The data default is a TFDS
+dataset prepared as array_record (`tfds build` it once into data.tfds_data_dir).
+"""
+from lepton_jax import config_lib
+
+# slice -> (mesh axis sizes, global batch in sequences of 2048 tokens).
+SLICES = {
+    'v5e-16': (dict(data=1, fsdp=16, tensor=1), 256),
+    'v5p-8': (dict(data=1, fsdp=4, tensor=1), 128),  # v5p-8 is 4 chips.
+    'v5e-256': (dict(data=16, fsdp=16, tensor=1), 1024),
+}
+
+
+def get_config(arg='v5e-16'):
+  mesh, batch_size = SLICES[arg or 'v5e-16']
+  config = config_lib.base_config()
+  config.total_steps = 50_000
+  config.batch_size = batch_size
+  config.seq_len = 2048
+  config.z_loss = 1e-4
+  config.log_every_steps = 50
+  config.eval_every_steps = 1000
+  config.eval_batches = 16
+  config.checkpoint_every_steps = 1000
+
+  config.data.source = 'tfds'
+  config.data.tfds_name = 'c4/en'
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  config.data.vocab_size = 32_000
+
+  m = config.model
+  m.vocab_size = 32_000
+  m.d_model = 2048
+  m.num_layers = 22
+  m.num_heads = 32
+  m.num_kv_heads = 8
+  m.head_dim = 64
+  m.d_ff = 5632
+  m.rope_theta = 500_000.0
+  m.max_seq_len = 2048
+  m.scan_layers = True
+  m.remat = 'dots_no_batch'
+  m.attention = 'dot_product'
+  m.dtype = 'bfloat16'
+
+  o = config.optimizer
+  o.learning_rate = 3e-4
+  o.warmup_steps = 2000
+  o.weight_decay = 0.1
+
+  config.mesh.update(mesh)
+  return config

@@ -1,0 +1,56 @@
+"""Orbax checkpoints of the train state, the data position and what model they hold.
+
+Each step directory holds three items: `state` (params, optimizer state, step, rng; sharded
+arrays written by all processes), `data` (the data iterator's position, JSON) and `meta` (the
+model config and tokenizer vocab, JSON). `meta` lets a restart refuse a workdir that holds a
+different model before anything is written to it.
+"""
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Keeps the last `keep` checkpoints of a workdir; saves asynchronously."""
+
+  def __init__(self, directory: str, keep: int):
+    self._manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def check_compatible(self, meta: dict[str, Any]) -> None:
+    """Raises if the latest checkpoint holds a model different from `meta`."""
+    step = self.latest_step()
+    if step is None:
+      return
+    saved = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    diffs = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
+    if diffs:
+      first = ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}' for k, (a, b) in list(diffs.items())[:3])
+      raise ValueError(f'{self._manager.directory} holds a checkpoint (step {step}) of a different '
+                       f'model ({first}); use a new --workdir or restore that config')
+
+  def save(self, step: int, state: Any, data_state: dict, meta: dict, force: bool = False) -> bool:
+    return self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)), force=force)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """`abstract_state`: ShapeDtypeStructs with the shardings to restore onto."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored['state'], restored['data']
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)

@@ -1,0 +1,92 @@
+"""Causal self-attention with RoPE, GQA/MQA, optional qk-norm and sliding window."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lepton_jax.model import layers
+
+
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, half-split layout (HF Llama `rotate_half`), angles in f32."""
+  half = x_BTNH.shape[-1] // 2
+  inv_freq_h = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+  angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq_h
+  sin, cos = jnp.sin(angles_BTh)[:, :, None, :], jnp.cos(angles_BTh)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BTNH.dtype)
+
+
+def causal_mask(q_len: int, kv_len: int, sliding_window: int) -> jax.Array:
+  """[T, S] bool: query t (the last q_len of kv_len positions) sees keys s <= t (within window)."""
+  q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+  k_pos = jnp.arange(kv_len)[None, :]
+  mask = k_pos <= q_pos
+  if sliding_window:
+    mask &= k_pos > q_pos - sliding_window
+  return mask
+
+
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_TS, dropout: nn.Module, deterministic: bool):
+  """Einsum attention; query heads N are grouped over K kv heads without repeating k/v."""
+  B, T, N, H = q_BTNH.shape
+  K = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H) * H ** -0.5
+  logits_BKGTS = jnp.einsum('btkgh,bskh->bkgts', q_BTKGH, k_BSKH).astype(jnp.float32)
+  logits_BKGTS = jnp.where(mask_TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
+  probs_BKGTS = dropout(probs_BKGTS, deterministic=deterministic)
+  out_BTKGH = jnp.einsum('bkgts,bskh->btkgh', probs_BKGTS, v_BSKH)
+  return out_BTKGH.reshape(B, T, N, H)
+
+
+class Attention(nn.Module):
+  """Multi-head causal self-attention; num_kv_heads < num_heads gives GQA (1 gives MQA)."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  positions: str  # rope | learned | none (only rope acts here)
+  rope_theta: float
+  qkv_bias: bool
+  out_bias: bool
+  qk_norm: bool
+  norm: str
+  norm_eps: float
+  sliding_window: int
+  implementation: str  # xla | dot_product | cudnn
+  dropout_rate: float
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, deterministic: bool) -> jax.Array:
+    dense = lambda features, in_axes, out_axes, bias, name: layers.Dense(
+        features=features, in_axes=in_axes, out_axes=out_axes, use_bias=bias,
+        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    q_BTNH = dense((self.num_heads, self.head_dim), ('embed',), ('heads', 'head_dim'),
+                   self.qkv_bias, 'query')(x_BTD)
+    k_BTKH = dense((self.num_kv_heads, self.head_dim), ('embed',), ('kv_heads', 'head_dim'),
+                   self.qkv_bias, 'key')(x_BTD)
+    v_BTKH = dense((self.num_kv_heads, self.head_dim), ('embed',), ('kv_heads', 'head_dim'),
+                   self.qkv_bias, 'value')(x_BTD)
+    if self.qk_norm:
+      norm = lambda name: layers.make_norm(self.norm, self.norm_eps, self.dtype, self.param_dtype,
+                                           name, axis_name='head_dim')
+      q_BTNH, k_BTKH = norm('query_norm')(q_BTNH), norm('key_norm')(k_BTKH)
+    if self.positions == 'rope':
+      q_BTNH = rope(q_BTNH, positions_BT, self.rope_theta)
+      k_BTKH = rope(k_BTKH, positions_BT, self.rope_theta)
+    q_BTNH = nn.with_logical_constraint(q_BTNH, ('batch', 'length', 'act_heads', 'head_dim'))
+
+    T = x_BTD.shape[1]
+    mask_TS = causal_mask(T, T, self.sliding_window)
+    if self.implementation == 'xla':
+      out_BTNH = xla_attention(q_BTNH, k_BTKH, v_BTKH, mask_TS, nn.Dropout(self.dropout_rate),
+                               deterministic)
+    else:  # jax picks a fused kernel where the platform has one; 'cudnn' insists on flash.
+      window = (self.sliding_window - 1, 0) if self.sliding_window else None
+      out_BTNH = jax.nn.dot_product_attention(
+          q_BTNH, k_BTKH, v_BTKH, is_causal=True, local_window_size=window,
+          implementation='cudnn' if self.implementation == 'cudnn' else None)
+    return dense((x_BTD.shape[-1],), ('heads', 'head_dim'), ('embed',), self.out_bias,
+                 'out')(out_BTNH)

@@ -1,0 +1,108 @@
+"""Leaf layers: the one dense layer, norms, token and position embeddings.
+
+Every parameter is created through `nn.with_logical_partitioning`, so it carries logical axis
+names ('embed', 'mlp', ...) that config rules map to mesh axes (see lepton_jax/sharding.py).
+"""
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+class Dense(nn.Module):
+  """The single weight matmul of the model: contracts the last `len(in_axes)` input dims.
+
+  The kernel has shape (*contracted input dims, *features) and logical names
+  (*in_axes, *out_axes). LoRA adapters and int8 weights hook in here and nowhere else.
+  """
+  features: Sequence[int]
+  in_axes: Sequence[str]
+  out_axes: Sequence[str]
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: nn.initializers.Initializer = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    num_in = len(self.in_axes)
+    in_shape = x.shape[-num_in:]
+    kernel = self.param(
+        'kernel',
+        nn.with_logical_partitioning(self.kernel_init, (*self.in_axes, *self.out_axes)),
+        (*in_shape, *self.features), self.param_dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    contract_x = tuple(range(x.ndim - num_in, x.ndim))
+    y = jax.lax.dot_general(x, kernel, ((contract_x, tuple(range(num_in))), ((), ())))
+    if self.use_bias:
+      bias = self.param(
+          'bias', nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.out_axes)),
+          tuple(self.features), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale, computed in f32 and cast back (Llama's order of operations)."""
+  eps: float
+  axis_name: str = 'embed'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """(x - mean) / std * scale + bias, statistics in f32 (GPT-2)."""
+  eps: float
+  axis_name: str = 'embed'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = (x.shape[-1],)
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                       features, self.param_dtype)
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)),
+                      features, self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    normed = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
+    return normed * scale.astype(self.dtype) + bias.astype(self.dtype)
+
+
+def make_norm(kind: str, eps: float, dtype: Dtype, param_dtype: Dtype, name: str,
+              axis_name: str = 'embed') -> nn.Module:
+  norms = {'rmsnorm': RMSNorm, 'layernorm': LayerNorm}
+  return norms[kind](eps=eps, axis_name=axis_name, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class Embed(nn.Module):
+  """Token embedding table (V, D); `attend` is the tied output head."""
+  vocab_size: int
+  d_model: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        'embedding', nn.with_logical_partitioning(default_kernel_init, ('vocab', 'embed')),
+        (self.vocab_size, self.d_model), self.param_dtype)
+
+  def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding, tokens_BT, axis=0).astype(self.dtype)
+
+  def attend(self, x_BTD: jax.Array) -> jax.Array:
+    return jnp.einsum('btd,vd->btv', x_BTD.astype(self.dtype), self.embedding.astype(self.dtype))

@@ -1,0 +1,148 @@
+"""The decoder-only Transformer: embeddings, a stack of pre-norm blocks, the output head.
+
+One set of fields expresses GPT-2 (layernorm, learned positions, gelu, biases, tied embeddings)
+and Llama 2/3, Mistral, Qwen2 (rmsnorm, rope, swiglu, GQA, qkv bias for Qwen2).
+"""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lepton_jax.model import layers
+from lepton_jax.model.attention import Attention
+
+REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+ACTIVATIONS = {
+    'swiglu': nn.silu, 'geglu': lambda x: nn.gelu(x, approximate=True),
+    'gelu': lambda x: nn.gelu(x, approximate=True), 'relu': nn.relu,
+}
+GATED_MLPS = ('swiglu', 'geglu')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Plain values for the model; `from_config` reads them from `config.model`."""
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  d_ff: int
+  mlp: str
+  norm: str
+  norm_eps: float
+  positions: str
+  rope_theta: float
+  max_seq_len: int
+  sliding_window: int
+  qkv_bias: bool
+  out_bias: bool
+  mlp_bias: bool
+  tie_embeddings: bool
+  qk_norm: bool
+  dropout: float
+  attention: str
+  scan_layers: bool
+  remat: str
+  param_dtype: str
+  dtype: str
+
+  @classmethod
+  def from_config(cls, model_config: ml_collections.ConfigDict) -> 'ModelConfig':
+    return cls(**model_config.to_dict())
+
+
+class Mlp(nn.Module):
+  """Feed-forward: act(x W_up) W_down, or act(x W_gate) * (x W_up) W_down when gated."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, deterministic: bool) -> jax.Array:
+    cfg = self.cfg
+    dense = lambda features, in_axes, out_axes, name: layers.Dense(
+        features=(features,), in_axes=in_axes, out_axes=out_axes, use_bias=cfg.mlp_bias,
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+    act = ACTIVATIONS[cfg.mlp]
+    h_BTF = dense(cfg.d_ff, ('embed',), ('mlp',), 'up')(x_BTD)
+    if cfg.mlp in GATED_MLPS:
+      h_BTF = act(dense(cfg.d_ff, ('embed',), ('mlp',), 'gate')(x_BTD)) * h_BTF
+    else:
+      h_BTF = act(h_BTF)
+    h_BTF = nn.with_logical_constraint(h_BTF, ('batch', 'length', 'act_mlp'))
+    h_BTF = nn.Dropout(cfg.dropout)(h_BTF, deterministic=deterministic)
+    return dense(cfg.d_model, ('mlp',), ('embed',), 'down')(h_BTF)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  cfg: ModelConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array):
+    cfg = self.cfg
+    norm = lambda name: layers.make_norm(cfg.norm, cfg.norm_eps, cfg.dtype, cfg.param_dtype, name)
+    attn = Attention(
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        positions=cfg.positions, rope_theta=cfg.rope_theta, qkv_bias=cfg.qkv_bias,
+        out_bias=cfg.out_bias, qk_norm=cfg.qk_norm, norm=cfg.norm, norm_eps=cfg.norm_eps,
+        sliding_window=cfg.sliding_window, implementation=cfg.attention,
+        dropout_rate=cfg.dropout, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name='attn')
+    residual_dropout = nn.Dropout(cfg.dropout)
+    h_BTD = attn(norm('attn_norm')(x_BTD), positions_BT, self.deterministic)
+    x_BTD = x_BTD + residual_dropout(h_BTD, deterministic=self.deterministic)
+    h_BTD = Mlp(cfg, name='mlp')(norm('mlp_norm')(x_BTD), self.deterministic)
+    x_BTD = x_BTD + residual_dropout(h_BTD, deterministic=self.deterministic)
+    x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'act_embed'))
+    return x_BTD, None  # (carry, output) so the block also works under nn.scan.
+
+
+class Transformer(nn.Module):
+  """tokens [B, T] int -> logits [B, T, V] float32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+               deterministic: bool = True) -> jax.Array:
+    cfg = self.cfg
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    embed = layers.Embed(cfg.vocab_size, cfg.d_model, cfg.dtype, cfg.param_dtype, name='embed')
+    x_BTD = embed(tokens_BT)
+    if cfg.positions == 'learned':
+      pos_table = self.param(
+          'pos_embedding', nn.with_logical_partitioning(layers.default_kernel_init,
+                                                        (None, 'embed')),
+          (cfg.max_seq_len, cfg.d_model), cfg.param_dtype)
+      x_BTD = x_BTD + jnp.take(pos_table, positions_BT, axis=0).astype(cfg.dtype)
+    x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
+    x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'act_embed'))
+
+    block = Block
+    if cfg.remat != 'none':
+      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True,
+                                                                       'dropout': True},
+                      in_axes=nn.broadcast, length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_BTD, _ = stack(cfg, deterministic, name='layers')(x_BTD, positions_BT)
+    else:
+      for i in range(cfg.num_layers):
+        x_BTD, _ = block(cfg, deterministic, name=f'layers_{i}')(x_BTD, positions_BT)
+
+    x_BTD = layers.make_norm(cfg.norm, cfg.norm_eps, cfg.dtype, cfg.param_dtype, 'final_norm')(x_BTD)
+    if cfg.tie_embeddings:
+      logits_BTV = embed.attend(x_BTD)
+    else:
+      logits_BTV = layers.Dense(features=(cfg.vocab_size,), in_axes=('embed',),
+                                out_axes=('vocab',), dtype=cfg.dtype,
+                                param_dtype=cfg.param_dtype, name='head')(x_BTD)
+    return logits_BTV.astype(jnp.float32)

@@ -1,0 +1,81 @@
+"""The jitted math of training: loss, one optimizer step (with gradient accumulation), eval."""
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken.
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32 key data; step keys are fold_in(key, step), so resume is exact.
+
+
+def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss: float):
+  """Per-token cross-entropy (+ z_loss * log(Z)^2) and whether the argmax was right."""
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  loss_BT = log_z_BT - target_logit_BT + z_loss * jnp.square(log_z_BT)
+  correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
+  return loss_BT, correct_BT
+
+
+def summed_loss(params, model: nn.Module, batch: Batch, rng: jax.Array, z_loss: float,
+                deterministic: bool):
+  """Sum of token losses over the batch's mask, and (token count, correct count)."""
+  logits_BTV = model.apply({'params': params}, batch['inputs'], deterministic=deterministic,
+                           rngs={'dropout': rng})
+  loss_BT, correct_BT = token_losses(logits_BTV, batch['targets'], z_loss)
+  mask_BT = batch['mask'] if 'mask' in batch else jnp.ones_like(loss_BT)
+  return jnp.sum(loss_BT * mask_BT), (jnp.sum(mask_BT), jnp.sum(correct_BT * mask_BT))
+
+
+def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               grad_accum_steps: int, z_loss: float):
+  """One optimizer update on `batch`, split into `grad_accum_steps` micro-batches."""
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+  deterministic = model.cfg.dropout == 0.0
+
+  def micro_grads(micro: Batch, index):
+    (loss_sum, (tokens, _)), grads = grad_fn(state.params, model, micro,
+                                             jax.random.fold_in(rng, index), z_loss, deterministic)
+    return grads, loss_sum, tokens
+
+  if grad_accum_steps == 1:
+    grads, loss_sum, tokens = micro_grads(batch, 0)
+  else:
+    # [B, ...] -> [A, B/A, ...]; scan sums per-micro-batch gradients in f32.
+    micro_batches = jax.tree.map(
+        lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+
+    def accumulate(carry, indexed_micro):
+      index, micro = indexed_micro
+      new = micro_grads(micro, index)
+      return jax.tree.map(jnp.add, carry, new), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0), jnp.float32(0))
+    (grads, loss_sum, tokens), _ = jax.lax.scan(
+        accumulate, zeros, (jnp.arange(grad_accum_steps), micro_batches))
+
+  grads = jax.tree.map(lambda g: g / tokens, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {'train/loss': loss_sum / tokens, 'train/grad_norm': optax.global_norm(grads),
+             'learning_rate': schedule(state.step)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch: Batch, *, model: nn.Module):
+  """Sums for one eval batch: (loss sum, token count, correct count)."""
+  loss_sum, (tokens, correct) = summed_loss(params, model, batch, jax.random.key(0), 0.0, True)
+  return {'loss_sum': loss_sum, 'tokens': tokens, 'correct': correct}

@@ -1,0 +1,229 @@
+"""Train a Transformer LM from an ml_collections config.
+
+  python -m lepton_jax.train --config=configs/stdlib_tiny.py --workdir=/tmp/run \
+      [--config.total_steps=100 ...]
+
+Restarting with the same workdir resumes from the latest complete checkpoint; SIGTERM
+(preemption) writes a checkpoint and exits cleanly.
+"""
+import functools
+import os
+import signal
+import time
+
+from absl import app, flags, logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from lepton_jax import checkpoint, config_lib, data, distributed, flops, metrics, optim, sample
+from lepton_jax import sharding, steps
+from lepton_jax.model import ModelConfig, Transformer
+
+config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
+
+# Model fields that change parameter shapes or the parameter tree: a checkpoint only restores
+# into a model that agrees on all of them.
+SHAPE_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
+                'd_ff', 'mlp', 'norm', 'positions', 'qkv_bias', 'out_bias', 'mlp_bias',
+                'tie_embeddings', 'qk_norm', 'scan_layers', 'param_dtype')
+
+
+def resolve_vocab(model_config: ml_collections.ConfigDict, tokenizer) -> ml_collections.ConfigDict:
+  """The model config with vocab_size filled in from the tokenizer, or checked against it."""
+  model_config = ml_collections.ConfigDict(model_config.to_dict())
+  if not model_config.vocab_size:
+    model_config.vocab_size = tokenizer.vocab_size
+  elif tokenizer.vocab_size > model_config.vocab_size:
+    raise ValueError(f'the tokenizer has {tokenizer.vocab_size} tokens but '
+                     f'config.model.vocab_size={model_config.vocab_size}')
+  return model_config
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh, rules, seq_len):
+  """Abstract TrainState and its shardings, derived from the params' logical axis names."""
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  boxed_params = jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
+  param_sharding = sharding.param_shardings(boxed_params, mesh, rules)
+  params = sharding.unbox_abstract(boxed_params)
+  opt_state = jax.eval_shape(tx.init, params)
+  is_sharding = lambda x: isinstance(x, jax.sharding.NamedSharding)
+  # Moments mirror their param's sharding; factored (lower-rank) moments and counters replicate.
+  opt_sharding = optax.tree_map_params(
+      tx, lambda leaf, s: s if leaf.ndim == len(s.spec) else sharding.replicated(mesh),
+      opt_state, param_sharding, transform_non_params=lambda _: sharding.replicated(mesh),
+      is_leaf=is_sharding)
+  abstract = steps.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                              opt_state=opt_state,
+                              rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  replicated = sharding.replicated(mesh)
+  shardings = steps.TrainState(step=replicated, params=param_sharding, opt_state=opt_sharding,
+                               rng=replicated)
+  return abstract, shardings
+
+
+def init_state(model, tx, seed: int, seq_len: int) -> steps.TrainState:
+  params_key, dropout_key = jax.random.split(jax.random.key(seed))
+  params = nn.unbox(model.init(params_key, jnp.zeros((1, seq_len), jnp.int32))['params'])
+  return steps.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                          rng=jax.random.key_data(dropout_key))
+
+
+def evaluate(eval_fn, params, eval_batches, batch_sharding) -> dict[str, float]:
+  totals = {'loss_sum': 0.0, 'tokens': 0.0, 'correct': 0.0}
+  for batch in eval_batches:
+    sums = eval_fn(params, global_batch(batch, batch_sharding))
+    totals = {k: totals[k] + float(sums[k]) for k in totals}
+  loss = totals['loss_sum'] / max(totals['tokens'], 1.0)
+  return {'eval/loss': loss, 'eval/perplexity': float(np.exp(loss)),
+          'eval/accuracy': totals['correct'] / max(totals['tokens'], 1.0)}
+
+
+def global_batch(local_batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
+  """Each process holds its rows; together they form one batch sharded over the mesh."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+          for k, v in local_batch.items()}
+
+
+class PreemptionWatch:
+  """Notices SIGTERM. Multi-process runs agree on the step through JAX's coordination service."""
+
+  def __init__(self):
+    self._signalled = False
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    self._signalled = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self._signalled
+    return multihost_utils.reached_preemption_sync_point(step)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Runs (or resumes) the experiment; returns the last logged metrics."""
+  config_lib.validate(config)
+  is_coordinator = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.mesh)
+  rules = config.mesh.rules
+  data_parallel = sharding.data_parallel_size(mesh, rules)
+  if config.batch_size % (data_parallel * config.grad_accum_steps):
+    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the data-parallel '
+                     f'size {data_parallel} x config.grad_accum_steps={config.grad_accum_steps}')
+
+  tokenizer = data.build_tokenizer(config.data, workdir)
+  model_config = resolve_vocab(config.model, tokenizer)
+  model = Transformer(ModelConfig.from_config(model_config))
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  meta = {k: model_config[k] for k in SHAPE_FIELDS}
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                         config.keep_checkpoints)
+  checkpointer.check_compatible(meta)
+
+  train_iter = data.make_train_iterator(config, tokenizer, jax.process_index(),
+                                        jax.process_count())
+  eval_batches = data.make_eval_batches(config, tokenizer, jax.process_index(),
+                                        jax.process_count())
+  writer = metrics.MetricWriter(workdir, active=is_coordinator)
+  flops_per_token = flops.train_flops_per_token(model_config, config.seq_len)
+  peak_flops = flops.peak_flops_per_device(model_config.dtype)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+    abstract_state, state_sharding = state_shardings(model, tx, mesh, rules, config.seq_len)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    replicated = sharding.replicated(mesh)
+    latest = checkpointer.latest_step()
+    if latest is None:
+      state = jax.jit(init_state, static_argnums=(0, 1, 2, 3), out_shardings=state_sharding)(
+          model, tx, config.seed, config.seq_len)
+    else:
+      logging.info('Resuming from the checkpoint at step %d in %s', latest, workdir)
+      state, data_state = checkpointer.restore(
+          latest, checkpoint.abstract_like(abstract_state, state_sharding))
+      train_iter.set_state(data_state)
+
+    train_fn = jax.jit(
+        functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
+                          grad_accum_steps=config.grad_accum_steps, z_loss=config.z_loss),
+        in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
+        donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
+                      in_shardings=(state_sharding.params, batch_sharding),
+                      out_shardings=replicated)
+
+    step = int(state.step)
+    preemption = PreemptionWatch()
+    bar = metrics.progress_bar(step, config.total_steps, is_coordinator)
+    last_metrics, window_start, window_steps = {}, None, 0
+    while step < config.total_steps:
+      state, step_metrics = train_fn(state, global_batch(next(train_iter), batch_sharding))
+      step += 1
+      bar.update(1)
+      if window_start is None:  # Start timing after the first (compiling) step.
+        jax.block_until_ready(state.step)
+        window_start, window_steps = time.perf_counter(), 0
+      else:
+        window_steps += 1
+
+      if step % config.log_every_steps == 0 or step == config.total_steps:
+        last_metrics = {k: float(v) for k, v in step_metrics.items()}
+        if window_steps:
+          elapsed = time.perf_counter() - window_start
+          tokens_per_sec = window_steps * config.batch_size * config.seq_len / elapsed
+          last_metrics['tokens_per_sec'] = tokens_per_sec
+          if peak_flops:
+            last_metrics['mfu'] = flops.mfu(tokens_per_sec / jax.device_count(), flops_per_token,
+                                            peak_flops)
+          window_start, window_steps = time.perf_counter(), 0
+        if step % config.eval_every_steps == 0 or step == config.total_steps:
+          last_metrics.update(evaluate(eval_fn, state.params, eval_batches, batch_sharding))
+        writer.write(step, last_metrics)
+        bar.set_postfix(loss=f"{last_metrics['train/loss']:.3f}")
+
+      preempted = preemption.reached(step)
+      if step % config.checkpoint_every_steps == 0 or step == config.total_steps or preempted:
+        checkpointer.save(step, state, train_iter.get_state(), meta, force=preempted)
+      if preempted:
+        logging.warning('Preempted at step %d: checkpoint written, exiting.', step)
+        break
+    bar.close()
+    checkpointer.wait()
+    checkpointer.close()
+
+    if step == config.total_steps and config.sample.num_tokens:
+      text = sample.sample_text(model, state.params, tokenizer, config.sample.prompt,
+                                config.sample.num_tokens, config.sample.temperature,
+                                config.sample.top_k, config.seq_len, config.seed)
+      writer.write_text(step, 'sample', text)
+      if is_coordinator:
+        print(f'--- sample after {step} steps ---\n{text}\n---', flush=True)
+  writer.close()
+  return last_metrics
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if flags.FLAGS.workdir is None:
+    raise app.UsageError('--workdir is required')
+  distributed.initialize()
+  train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+def run():
+  """Console-script entry point (`lepton-train`)."""
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()
