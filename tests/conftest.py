@@ -1,0 +1,6 @@
+"""Every test process sees 8 simulated CPU devices, so mesh and sharding tests need no hardware."""
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
