@@ -9,6 +9,7 @@ Restarting with the same workdir resumes from the latest complete checkpoint; SI
 import functools
 import os
 import signal
+import sys
 import time
 
 from absl import app, flags, logging
@@ -210,19 +211,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return last_metrics
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing, with a one-line error for a --config.KEY override that names no field."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # Raised by ml_collections for an unknown key.
+    while isinstance(e, (AttributeError, KeyError)) and e.args:  # Unwrap to the message.
+      e = e.args[0]
+    reason = ' '.join(str(e).split())
+    sys.exit(f'FATAL Flags parsing error: unknown config key {reason}')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if flags.FLAGS.workdir is None:
     raise app.UsageError('--workdir is required')
   distributed.initialize()
-  train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  try:
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  except (ValueError, FileNotFoundError) as e:  # Bad config or data: one line, no traceback.
+    logging.debug('Traceback of the error below:', exc_info=True)
+    sys.exit(f'lepton-train: error: {e}')
 
 
 def run():
   """Console-script entry point (`lepton-train`)."""
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

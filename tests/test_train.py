@@ -1,0 +1,187 @@
+"""End-to-end training: learning, metrics, exact resume, preemption, and bad input."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lepton_jax import checkpoint, config_lib, sharding, train
+
+TEXT = ''.join(f'line {i}: the quick brown fox jumps over the lazy dog {i % 7}.\n'
+               for i in range(400))
+
+
+def tiny_config(tmp_path: pathlib.Path, **overrides):
+  """A byte-level model small enough to train in seconds on 8 simulated devices."""
+  corpus = tmp_path / 'corpus.txt'
+  if not corpus.exists():
+    corpus.write_text(TEXT)
+  config = config_lib.base_config()
+  config.total_steps = 30
+  config.batch_size = 8
+  config.seq_len = 32
+  config.log_every_steps = 1
+  config.eval_every_steps = 10
+  config.eval_batches = 2
+  config.checkpoint_every_steps = 10
+  config.data.source = 'text'
+  config.data.path = str(corpus)
+  config.data.tokenizer = 'bytes'
+  config.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                      d_ff=64, max_seq_len=32)
+  config.optimizer.update(learning_rate=3e-3, warmup_steps=5)
+  config.sample.num_tokens = 0
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+def read_metrics(workdir) -> list[dict]:
+  return [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+
+
+def test_short_run_learns_and_logs(tmp_path):
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(tiny_config(tmp_path, total_steps=40), str(workdir))
+  records = read_metrics(workdir)
+  assert [r['step'] for r in records] == list(range(1, 41))
+  assert records[-1]['train/loss'] < 0.6 * records[0]['train/loss']
+  for key in ('train/loss', 'learning_rate', 'train/grad_norm'):
+    assert key in records[0]
+  assert {'tokens_per_sec', 'mfu'} <= records[-1].keys()
+  evaluated = [r for r in records if 'eval/loss' in r]
+  assert [r['step'] for r in evaluated] == [10, 20, 30, 40]
+  assert evaluated[-1]['eval/loss'] < evaluated[0]['eval/loss']
+  assert evaluated[-1]['eval/perplexity'] == pytest.approx(np.exp(evaluated[-1]['eval/loss']))
+  assert 0.0 < evaluated[-1]['eval/accuracy'] <= 1.0
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['20', '30', '40']  # keep_checkpoints=3
+
+
+def test_resume_after_preemption_is_exact(tmp_path, monkeypatch):
+  config = tiny_config(tmp_path, total_steps=24, checkpoint_every_steps=100, **{'model.dropout': 0.1})
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+
+  interrupted = str(tmp_path / 'interrupted')
+  monkeypatch.setattr(train.PreemptionWatch, 'reached', lambda self, step: step == 13)
+  train.train_and_evaluate(config, interrupted)
+  assert os.listdir(os.path.join(interrupted, 'checkpoints')) == ['13']
+  monkeypatch.undo()
+  train.train_and_evaluate(config, interrupted)  # Same command again: resumes at step 13.
+
+  straight, resumed = read_metrics(tmp_path / 'straight'), read_metrics(interrupted)
+  assert [r['step'] for r in resumed] == list(range(1, 25))
+  for a, b in zip(straight, resumed):
+    assert a['train/loss'] == b['train/loss'], a['step']  # Bit for bit, dropout included.
+    assert a.get('eval/loss') == b.get('eval/loss')
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+  losses = {}
+  for accum in (1, 2):
+    workdir = tmp_path / f'accum{accum}'
+    train.train_and_evaluate(tiny_config(tmp_path, total_steps=5, batch_size=16,
+                                         grad_accum_steps=accum),
+                             str(workdir))
+    losses[accum] = [r['train/loss'] for r in read_metrics(workdir)]
+  np.testing.assert_allclose(losses[1], losses[2], rtol=1e-5)
+
+
+@pytest.mark.parametrize('optimizer,schedule,learning_rate',
+                         [('adafactor', 'linear', 3e-2), ('sgd', 'wsd', 0.3)])
+def test_other_optimizers_and_schedules_train(tmp_path, optimizer, schedule, learning_rate):
+  config = tiny_config(tmp_path, total_steps=30, **{
+      'optimizer.name': optimizer, 'optimizer.schedule': schedule, 'optimizer.cooldown_steps': 10,
+      'optimizer.learning_rate': learning_rate, 'z_loss': 1e-4})
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  records = read_metrics(tmp_path / 'run')
+  assert records[-1]['train/loss'] < 0.7 * records[0]['train/loss']
+
+
+def test_checkpoint_round_trip_keeps_values_and_shardings(tmp_path):
+  mesh = sharding.make_mesh(config_lib.base_config().mesh)
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  tree = {'w': jax.device_put(jnp.arange(32.0).reshape(8, 4), spec), 'step': jnp.int32(7)}
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'ckpt'), keep=2)
+  ckpt.save(7, tree, {'next_index': 3}, {'d_model': 4})
+  ckpt.wait()
+  shardings = {'w': spec, 'step': sharding.replicated(mesh)}
+  restored, data_state = ckpt.restore(7, checkpoint.abstract_like(tree, shardings))
+  np.testing.assert_array_equal(restored['w'], tree['w'])
+  assert restored['w'].sharding == spec and int(restored['step']) == 7
+  assert data_state == {'next_index': 3}
+  ckpt.close()
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+  workdir = tmp_path / 'run'
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_text(TEXT)
+  cmd = [sys.executable, '-m', 'lepton_jax.train', '--config=configs/stdlib_tiny.py',
+         f'--workdir={workdir}', '--config.data.source=text', f'--config.data.path={corpus}',
+         '--config.data.tokenizer=bytes', '--config.total_steps=100000',
+         '--config.log_every_steps=1', '--config.model.num_layers=1', '--config.model.d_model=32',
+         '--config.model.d_ff=64', '--config.batch_size=8', '--config.seq_len=32']
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  proc = subprocess.Popen(cmd, cwd=pathlib.Path(__file__).parent.parent, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 120
+  metrics_file = workdir / 'metrics.jsonl'
+  while not (metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3):
+    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  output, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, output
+  steps = [int(s) for s in os.listdir(workdir / 'checkpoints')]
+  assert len(steps) == 1 and 3 <= steps[0] < 100000
+  assert 'Preempted at step' in output
+
+
+def test_refuses_a_workdir_holding_another_model(tmp_path):
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(tiny_config(tmp_path, total_steps=10), str(workdir))
+  before = {p: p.stat().st_mtime_ns for p in workdir.rglob('*') if 'checkpoints' in p.parts}
+  with pytest.raises(ValueError, match=r'different model \(num_layers: checkpoint 2 vs config 3'):
+    train.train_and_evaluate(tiny_config(tmp_path, total_steps=20, **{'model.num_layers': 3}),
+                             str(workdir))
+  after = {p: p.stat().st_mtime_ns for p in workdir.rglob('*') if 'checkpoints' in p.parts}
+  assert before == after
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'batch_size': 12}, r'batch_size=12 is not divisible by the data-parallel size 8'),
+    ({'seq_len': 64}, r'seq_len=64 exceeds config.model.max_seq_len=32'),
+    ({'model.vocab_size': 100}, r'tokenizer has 257 tokens but config.model.vocab_size=100'),
+    ({'data.path': '/nonexistent/corpus.txt'}, r'/nonexistent/corpus.txt'),
+    ({'data.tokenizer': 'sentencepiece', 'data.tokenizer_path': '/nonexistent/spm.model'},
+     r'/nonexistent/spm.model'),
+    ({'mesh.fsdp': 3}, r'config.mesh: .* cannot fill 8 devices'),
+    ({'mesh.data': 2}, r'config.mesh: axis sizes .* multiply to 2, but there are 8 devices'),
+    ({'mesh.rules': (('batch', 'pipeline'),)}, r"unknown mesh axis 'pipeline'"),
+    ({'optimizer.name': 'adam'}, r"config.optimizer.name='adam'"),
+])
+def test_bad_input_fails_with_a_clear_error(tmp_path, overrides, message):
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    train.train_and_evaluate(tiny_config(tmp_path, **overrides), str(tmp_path / 'run'))
+
+
+def test_cli_names_a_mistyped_config_key(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'lepton_jax.train', '--config=configs/stdlib_tiny.py',
+       f'--workdir={tmp_path}', '--config.model.num_layer=3'],
+      cwd=pathlib.Path(__file__).parent.parent, capture_output=True, text=True, timeout=60)
+  assert result.returncode != 0
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert "unknown config key 'num_layer'" in last_line and 'num_layers' in last_line
