@@ -169,3 +169,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f'(fused attention kernels have no attention dropout)')
   if m.vocab_size < 0 or not 0.0 <= m.dropout < 1.0:
     raise ValueError('config.model.vocab_size must be >= 0 and config.model.dropout in [0, 1)')
+
+
+def resolve_vocab(model_config: ml_collections.ConfigDict, tokenizer) -> ml_collections.ConfigDict:
+  """The model config with vocab_size filled in from the tokenizer, or checked against it."""
+  model_config = ml_collections.ConfigDict(model_config.to_dict())
+  if not model_config.vocab_size:
+    model_config.vocab_size = tokenizer.vocab_size
+  elif tokenizer.vocab_size > model_config.vocab_size:
+    raise ValueError(f'the tokenizer has {tokenizer.vocab_size} tokens but '
+                     f'config.model.vocab_size={model_config.vocab_size}')
+  return model_config

@@ -1,21 +1,10 @@
 """The jitted math of training: loss, one optimizer step (with gradient accumulation), eval."""
-from typing import Any
-
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
 Batch = dict[str, jax.Array]
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # int32 scalar: optimizer steps taken.
-  params: Any
-  opt_state: Any
-  rng: jax.Array  # uint32 key data; step keys are fold_in(key, step), so resume is exact.
 
 
 def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss: float):
@@ -38,10 +27,10 @@ def summed_loss(params, model: nn.Module, batch: Batch, rng: jax.Array, z_loss: 
   return jnp.sum(loss_BT * mask_BT), (jnp.sum(mask_BT), jnp.sum(correct_BT * mask_BT))
 
 
-def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
+def train_step(state, batch: Batch, *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                grad_accum_steps: int, z_loss: float):
-  """One optimizer update on `batch`, split into `grad_accum_steps` micro-batches."""
+  """One optimizer update of a `train_state.TrainState` on `batch`, in micro-batches."""
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
   deterministic = model.cfg.dropout == 0.0

@@ -15,15 +15,13 @@ import time
 from absl import app, flags, logging
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
-import optax
 
 from lepton_jax import checkpoint, config_lib, data, distributed, flops, metrics, optim, sample
-from lepton_jax import sharding, steps
+from lepton_jax import sharding, steps, train_state
 from lepton_jax.model import ModelConfig, Transformer
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -34,46 +32,6 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the
 SHAPE_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
                 'd_ff', 'mlp', 'norm', 'positions', 'qkv_bias', 'out_bias', 'mlp_bias',
                 'tie_embeddings', 'qk_norm', 'scan_layers', 'param_dtype')
-
-
-def resolve_vocab(model_config: ml_collections.ConfigDict, tokenizer) -> ml_collections.ConfigDict:
-  """The model config with vocab_size filled in from the tokenizer, or checked against it."""
-  model_config = ml_collections.ConfigDict(model_config.to_dict())
-  if not model_config.vocab_size:
-    model_config.vocab_size = tokenizer.vocab_size
-  elif tokenizer.vocab_size > model_config.vocab_size:
-    raise ValueError(f'the tokenizer has {tokenizer.vocab_size} tokens but '
-                     f'config.model.vocab_size={model_config.vocab_size}')
-  return model_config
-
-
-def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh, rules, seq_len):
-  """Abstract TrainState and its shardings, derived from the params' logical axis names."""
-  tokens = jnp.zeros((1, seq_len), jnp.int32)
-  boxed_params = jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
-  param_sharding = sharding.param_shardings(boxed_params, mesh, rules)
-  params = sharding.unbox_abstract(boxed_params)
-  opt_state = jax.eval_shape(tx.init, params)
-  is_sharding = lambda x: isinstance(x, jax.sharding.NamedSharding)
-  # Moments mirror their param's sharding; factored (lower-rank) moments and counters replicate.
-  opt_sharding = optax.tree_map_params(
-      tx, lambda leaf, s: s if leaf.ndim == len(s.spec) else sharding.replicated(mesh),
-      opt_state, param_sharding, transform_non_params=lambda _: sharding.replicated(mesh),
-      is_leaf=is_sharding)
-  abstract = steps.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                              opt_state=opt_state,
-                              rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-  replicated = sharding.replicated(mesh)
-  shardings = steps.TrainState(step=replicated, params=param_sharding, opt_state=opt_sharding,
-                               rng=replicated)
-  return abstract, shardings
-
-
-def init_state(model, tx, seed: int, seq_len: int) -> steps.TrainState:
-  params_key, dropout_key = jax.random.split(jax.random.key(seed))
-  params = nn.unbox(model.init(params_key, jnp.zeros((1, seq_len), jnp.int32))['params'])
-  return steps.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                          rng=jax.random.key_data(dropout_key))
 
 
 def evaluate(eval_fn, params, eval_batches, batch_sharding) -> dict[str, float]:
@@ -122,7 +80,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      f'size {data_parallel} x config.grad_accum_steps={config.grad_accum_steps}')
 
   tokenizer = data.build_tokenizer(config.data, workdir)
-  model_config = resolve_vocab(config.model, tokenizer)
+  model_config = config_lib.resolve_vocab(config.model, tokenizer)
   model = Transformer(ModelConfig.from_config(model_config))
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   meta = {k: model_config[k] for k in SHAPE_FIELDS}
@@ -139,12 +97,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   peak_flops = flops.peak_flops_per_device(model_config.dtype)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
-    abstract_state, state_sharding = state_shardings(model, tx, mesh, rules, config.seq_len)
+    abstract_state, state_sharding = train_state.abstract_state(model, tx, mesh, rules, config.seq_len)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     replicated = sharding.replicated(mesh)
     latest = checkpointer.latest_step()
     if latest is None:
-      state = jax.jit(init_state, static_argnums=(0, 1, 2, 3), out_shardings=state_sharding)(
+      state = jax.jit(train_state.init_state, static_argnums=(0, 1, 2, 3), out_shardings=state_sharding)(
           model, tx, config.seed, config.seq_len)
     else:
       logging.info('Resuming from the checkpoint at step %d in %s', latest, workdir)
@@ -152,11 +110,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           latest, checkpoint.abstract_like(abstract_state, state_sharding))
       train_iter.set_state(data_state)
 
-    train_fn = jax.jit(
-        functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
-                          grad_accum_steps=config.grad_accum_steps, z_loss=config.z_loss),
-        in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
-        donate_argnums=0)
+    train_fn = train_state.jit_train_step(model, tx, schedule, config, state_sharding,
+                                          batch_sharding)
     eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
                       in_shardings=(state_sharding.params, batch_sharding),
                       out_shardings=replicated)
