@@ -1,0 +1,49 @@
+"""Every shipped config validates, and the TPU-scale one builds abstractly with its shardings."""
+import importlib
+import math
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from lepton_jax import config_lib, optim, sharding, train_state
+from lepton_jax.model import ModelConfig, Transformer
+
+CONFIG_NAMES = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / 'configs').glob('*.py')
+                      if p.stem != '__init__')
+
+
+@pytest.mark.parametrize('name', CONFIG_NAMES)
+def test_config_validates(name):
+  config_lib.validate(importlib.import_module(f'configs.{name}').get_config())
+
+
+@pytest.mark.parametrize('arg,chips', [('v5e-16', 16), ('v5p-8', 4), ('v5e-256', 256)])
+def test_llama_1b_slices_fill_their_chips(arg, chips):
+  config = importlib.import_module('configs.llama_1b').get_config(arg)
+  assert sharding.mesh_shape(config.mesh, chips)
+  assert config.batch_size % (config.mesh.data * config.mesh.fsdp) == 0
+
+
+def test_llama_1b_builds_abstractly_and_shards_over_fsdp():
+  config = importlib.import_module('configs.llama_1b').get_config('v5e-16')
+  config.mesh.update(data=1, fsdp=8, tensor=1)  # The 8 simulated devices stand in for the slice.
+  model = Transformer(ModelConfig.from_config(config.model))
+  tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(config.mesh.rules)):
+    abstract, shardings = train_state.abstract_state(model, tx, mesh, config.mesh.rules,
+                                                     config.seq_len)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+  assert 1.0e9 < num_params < 1.3e9
+  assert abstract.params['layers']['mlp']['up']['kernel'].shape == (22, 2048, 5632)  # scanned
+  assert shardings.params['layers']['mlp']['up']['kernel'].spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor')
+  per_device_bytes = sum(
+      math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+      for x, s in zip(jax.tree.leaves(abstract.params), jax.tree.leaves(shardings.params)))
+  assert per_device_bytes < 4 * num_params / 8 * 1.01
+  logits = jax.eval_shape(model.apply, {'params': abstract.params},
+                          jax.ShapeDtypeStruct((2, config.seq_len), jnp.int32))
+  assert logits.shape == (2, config.seq_len, config.model.vocab_size)
