@@ -1,0 +1,63 @@
+"""Training as 2 processes x 4 CPU devices on localhost gives the losses of 1 process x 8 devices.
+
+Each process builds its half of every global batch (make_train_iterator's process share, checked
+row by row in test_data.py) and JAX assembles them with make_array_from_process_local_data; only
+process 0 writes metrics.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import portpicker
+
+from tests.test_train import TEXT
+
+REPO = pathlib.Path(__file__).parent.parent
+# Params split over fsdp=4, across both processes; the batch over data x fsdp = all 8 devices.
+FLAGS = ['--config=configs/stdlib_tiny.py', '--config.data.source=text',
+         '--config.data.tokenizer=bytes', '--config.total_steps=4', '--config.log_every_steps=1',
+         '--config.eval_every_steps=4', '--config.eval_batches=1', '--config.batch_size=8',
+         '--config.seq_len=32', '--config.model.num_layers=1', '--config.model.d_model=32',
+         '--config.model.num_heads=2', '--config.model.num_kv_heads=2',
+         '--config.model.head_dim=16', '--config.model.d_ff=64', '--config.sample.num_tokens=0',
+         '--config.mesh.data=2', '--config.mesh.fsdp=4']
+
+
+def start_trainer(workdir, corpus, devices: int, *cluster_flags: str) -> subprocess.Popen:
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES=str(devices))
+  command = [sys.executable, '-m', 'lepton_jax.train', f'--workdir={workdir}', *FLAGS,
+             f'--config.data.path={corpus}', *cluster_flags]
+  return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def losses(workdir) -> list[float]:
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [r['step'] for r in records] == [1, 2, 3, 4]
+  return [r['train/loss'] for r in records] + [records[-1]['eval/loss']]
+
+
+def test_two_processes_match_one_process_with_eight_devices(tmp_path):
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_text(TEXT)
+  port = portpicker.pick_unused_port()
+  trainers = {
+      'one process': start_trainer(tmp_path / 'single', corpus, 8),
+      'process 0': start_trainer(tmp_path / 'multi', corpus, 4, f'--coordinator_address='
+                                 f'localhost:{port}', '--num_processes=2', '--process_id=0'),
+      'process 1': start_trainer(tmp_path / 'multi', corpus, 4, f'--coordinator_address='
+                                 f'localhost:{port}', '--num_processes=2', '--process_id=1'),
+  }
+  try:
+    outputs = {name: trainer.communicate(timeout=240)[0] for name, trainer in trainers.items()}
+  finally:
+    for trainer in trainers.values():
+      trainer.kill()
+  for name, trainer in trainers.items():
+    assert trainer.returncode == 0, f'{name}:\n{outputs[name][-3000:]}'
+  assert 'process 1 of 2, 4 local devices, 8 global devices' in outputs['process 1']
+  np.testing.assert_allclose(losses(tmp_path / 'multi'), losses(tmp_path / 'single'), rtol=1e-5)
