@@ -7,6 +7,7 @@ Restarting with the same workdir resumes from the latest complete checkpoint; SI
 (preemption) writes a checkpoint and exits cleanly.
 """
 import functools
+import logging as std_logging
 import os
 import signal
 import sys
@@ -177,11 +178,20 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f'FATAL Flags parsing error: unknown config key {reason}')
 
 
+def quiet_library_info_logs() -> None:
+  """Keeps the progress bar readable: INFO lines only from lepton_jax, warnings from anyone."""
+  own_code = os.path.dirname(os.path.abspath(__file__))
+  # absl.logging emits every library's records through the Python logger named 'absl'.
+  std_logging.getLogger('absl').addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or record.pathname.startswith(own_code))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if flags.FLAGS.workdir is None:
     raise app.UsageError('--workdir is required')
+  quiet_library_info_logs()
   distributed.initialize()
   try:
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
