@@ -20,9 +20,11 @@ def test_config_validates(name):
   config_lib.validate(importlib.import_module(f'configs.{name}').get_config())
 
 
-@pytest.mark.parametrize('arg,chips', [('v5e-16', 16), ('v5p-8', 4), ('v5e-256', 256)])
-def test_llama_1b_slices_fill_their_chips(arg, chips):
-  config = importlib.import_module('configs.llama_1b').get_config(arg)
+@pytest.mark.parametrize('name,arg,chips', [
+    ('llama_1b', 'v5e-16', 16), ('llama_1b', 'v5p-8', 4), ('llama_1b', 'v5e-256', 256),
+    ('llama2_7b', 'v5p-128', 64), ('llama2_7b', 'v5p-256', 128), ('llama2_7b', 'v5e-256', 256)])
+def test_tpu_slices_fill_their_chips(name, arg, chips):
+  config = importlib.import_module(f'configs.{name}').get_config(arg)
   assert sharding.mesh_shape(config.mesh, chips)
   assert config.batch_size % (config.mesh.data * config.mesh.fsdp) == 0
 
@@ -47,3 +49,10 @@ def test_llama_1b_builds_abstractly_and_shards_over_fsdp():
   logits = jax.eval_shape(model.apply, {'params': abstract.params},
                           jax.ShapeDtypeStruct((2, config.seq_len), jnp.int32))
   assert logits.shape == (2, config.seq_len, config.model.vocab_size)
+
+
+def test_llama2_7b_has_llama2_7b_parameter_count():
+  config = importlib.import_module('configs.llama2_7b').get_config()
+  model = Transformer(ModelConfig.from_config(config.model))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  assert sum(x.size for x in jax.tree.leaves(nn.unbox(shapes))) == 6_738_415_616  # HF Llama-2-7b

@@ -9,6 +9,7 @@ import tensorflow_datasets as tfds
 
 from lepton_jax import config_lib
 from lepton_jax import data
+from lepton_jax.data import pipeline
 from lepton_jax.data import sources
 from lepton_jax.data import tokenizers
 
@@ -358,3 +359,8 @@ def test_train_split_shorter_than_a_row_names_the_source(tmp_path):
   config = make_config(source='text', path=str(tmp_path / 'tiny.txt'), tokenizer='bytes')
   with pytest.raises(ValueError, match='tiny.txt.*seq_len'):
     data.make_train_iterator(config, tokenizers.ByteTokenizer(), 0, 1)
+
+
+def test_unigram_entropy_of_uniform_and_constant_streams():
+  assert pipeline.unigram_entropy(np.arange(8).repeat(3)) == pytest.approx(np.log(8))
+  assert pipeline.unigram_entropy(np.full(10, 5)) == 0.0

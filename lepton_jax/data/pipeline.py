@@ -40,9 +40,17 @@ def _tokenize_split(data_config: ml_collections.ConfigDict, split: str,
   start = time.time()
   documents = sources.load_documents(data_config, split)
   tokens = tokenize_documents(documents, tokenizer)
-  logging.info('Tokenized %d %s documents into %d tokens in %.1fs.',
-               len(documents), split, len(tokens), time.time() - start)
+  logging.info('Tokenized %d %s documents into %d tokens in %.1fs; unigram entropy %.3f nats '
+               '(the loss of a model that ignores context).', len(documents), split, len(tokens),
+               time.time() - start, unigram_entropy(tokens))
   return tokens
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+  """Entropy in nats of the tokens' empirical frequencies."""
+  counts = np.bincount(tokens)
+  p = counts[counts > 0] / len(tokens)
+  return float(-np.sum(p * np.log(p)))
 
 
 def _local_batch_size(batch_size: int, process_index: int, process_count: int) -> int:
