@@ -6,23 +6,33 @@ values down.
 """
 import ml_collections
 
-# Logical axis -> mesh axes. One table covers pure data parallel, FSDP, tensor parallel and their
-# combinations: a mesh axis of size 1 shards nothing. Column-split qkv/up/gate ('heads', 'mlp'),
-# row-split out/down (their input axis is 'heads'/'mlp'), vocab split for embed and head.
-DEFAULT_RULES = (
+# Logical axis -> mesh axes (t5x/MaxText style). Three shipped sets; pick one in a config with
+# `config.mesh.rules = config_lib.RULE_SETS[name]` or write your own table.
+# Names every set leaves whole: splitting these would cut a head, a sequence or the layer stack.
+UNSPLIT = (('head_dim', None), ('length', None), ('layers', None), ('act_embed', None))
+# fsdp: ZeRO-3. Weights, gradients and optimizer state split along 'embed'; batch over data x fsdp.
+FSDP_RULES = (
     ('batch', ('data', 'fsdp')),
     ('embed', 'fsdp'),
+)
+# tensor: Megatron. Column-split q/k/v, up and gate (their output axes 'heads', 'kv_heads',
+# 'mlp'), row-split out and down (the same names as input axes), vocab split for embedding and
+# head; activations inside attention and the MLP stay split; batch over data only.
+TENSOR_RULES = (
+    ('batch', 'data'),
     ('mlp', 'tensor'),
     ('heads', 'tensor'),
     ('kv_heads', 'tensor'),
     ('vocab', 'tensor'),
-    ('head_dim', None),
-    ('length', None),
-    ('layers', None),
-    ('act_embed', None),
     ('act_heads', 'tensor'),
     ('act_mlp', 'tensor'),
 )
+# fsdp_tensor: both. The default, because a mesh axis of size 1 splits nothing: the same table
+# serves pure data parallel, FSDP, tensor parallel and their mixes.
+FSDP_TENSOR_RULES = FSDP_RULES + TENSOR_RULES[1:]
+RULE_SETS = {'fsdp': FSDP_RULES + UNSPLIT, 'tensor': TENSOR_RULES + UNSPLIT,
+             'fsdp_tensor': FSDP_TENSOR_RULES + UNSPLIT}
+DEFAULT_RULES = RULE_SETS['fsdp_tensor']
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -104,9 +114,15 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   config.mesh = ml_collections.ConfigDict(dict(
-      data=-1,  # -1: all devices not used by the other axes.
+      data=-1,  # -1: all devices not used by the other axes (within one slice).
       fsdp=1,
       tensor=1,
+      # Multi-slice TPU (hybrid mesh): how many slices each axis spans over the data-center
+      # network. Mesh axis sizes are then dcn_x * x; keep collectives-heavy axes (tensor, fsdp)
+      # inside a slice and span slices with data.
+      dcn_data=1,
+      dcn_fsdp=1,
+      dcn_tensor=1,
       rules=DEFAULT_RULES,
   ))
 

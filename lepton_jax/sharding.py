@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -20,30 +21,49 @@ Rules = Sequence[tuple[str, Any]]
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
   """Axis sizes with a single -1 filled by the devices the other axes leave."""
+  names = MESH_AXES
   sizes = [mesh_config[axis] for axis in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError(f'config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
+    raise ValueError(f'config.mesh: at most one axis may be -1, got {dict(zip(names, sizes))}')
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if known <= 0 or num_devices % known:
-      raise ValueError(f'config.mesh: {dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} '
+      raise ValueError(f'config.mesh: {dict(zip(names, sizes))} cannot fill {num_devices} '
                        f'devices ({num_devices} is not divisible by {known})')
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f'config.mesh: axis sizes {dict(zip(MESH_AXES, sizes))} multiply to '
+    raise ValueError(f'config.mesh: axis sizes {dict(zip(names, sizes))} multiply to '
                      f'{math.prod(sizes)}, but there are {num_devices} devices')
   return tuple(sizes)
 
 
+def hybrid_mesh_shapes(mesh_config: ml_collections.ConfigDict,
+                       num_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(per-slice ICI shape, across-slice DCN shape); every dcn_* size is given explicitly."""
+  dcn_shape = tuple(mesh_config['dcn_' + axis] for axis in MESH_AXES)
+  if min(dcn_shape) < 1:
+    raise ValueError(f'config.mesh: dcn_* sizes must be given (>= 1, no -1), got '
+                     f'{dict(zip(MESH_AXES, dcn_shape))}')
+  num_slices = math.prod(dcn_shape)
+  if num_devices % num_slices:
+    raise ValueError(f'config.mesh: {num_devices} devices do not split into {num_slices} slices '
+                     f'(dcn_* sizes {dict(zip(MESH_AXES, dcn_shape))})')
+  return mesh_shape(mesh_config, num_devices // num_slices), dcn_shape
+
+
 def make_mesh(mesh_config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The device mesh; spans TPU slices (a hybrid ICI x DCN mesh) when any dcn_* size is > 1."""
   devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(mesh_config, len(devices))
   validate_rules(mesh_config.rules)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  ici_shape, dcn_shape = hybrid_mesh_shapes(mesh_config, len(devices))
+  if math.prod(dcn_shape) > 1:
+    device_array = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
+    return Mesh(device_array, MESH_AXES, axis_types=axis_types)
   if devices == jax.devices():
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return jax.make_mesh(ici_shape, MESH_AXES, axis_types=axis_types)
+  return Mesh(np.asarray(devices).reshape(ici_shape), MESH_AXES, axis_types=axis_types)
 
 
 def validate_rules(rules: Rules) -> None:
