@@ -56,12 +56,18 @@ class PreemptionWatch:
 
   def __init__(self):
     self._signalled = False
+    self._previous_handler = None
     if jax.process_count() == 1:
-      signal.signal(signal.SIGTERM, self._on_signal)
+      self._previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
 
   def _on_signal(self, signum, frame):
     del signum, frame
     self._signalled = True
+
+  def close(self) -> None:
+    """Gives SIGTERM back to whoever had it (a notebook kernel, a test runner)."""
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
 
   def reached(self, step: int) -> bool:
     if jax.process_count() == 1:
@@ -153,6 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.warning('Preempted at step %d: checkpoint written, exiting.', step)
         break
     bar.close()
+    preemption.close()
     checkpointer.wait()
     checkpointer.close()
 
