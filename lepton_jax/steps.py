@@ -59,7 +59,7 @@ def train_step(state, batch: Batch, *, model: nn.Module,
   grads = jax.tree.map(lambda g: g / tokens, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {'train/loss': loss_sum / tokens, 'train/grad_norm': optax.global_norm(grads),
+  metrics = {'train/loss': loss_sum / tokens, 'train/grad_norm': optax.tree.norm(grads),
              'learning_rate': schedule(state.step)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
