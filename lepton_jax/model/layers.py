@@ -3,6 +3,7 @@
 Every parameter is created through `nn.with_logical_partitioning`, so it carries logical axis
 names ('embed', 'mlp', ...) that config rules map to mesh axes (see lepton_jax/sharding.py).
 """
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -11,6 +12,20 @@ import jax.numpy as jnp
 
 Dtype = jnp.dtype
 default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def matmul_2d(x: jax.Array, w: jax.Array, num_contracted: int) -> jax.Array:
+  """Contracts the last `num_contracted` dims of x with the first of w, as one 2D matmul.
+
+  Same math as a dot_general over those dims, but the weight gradient is then a plain 2D
+  x^T @ dy. Autodiff of the N-D form contracts two dims at once (batch and length), and XLA:CPU
+  lowers that by materialising a transposed copy of dy fused with the elementwise backward
+  before it (about 2x slower for the MLP fwd+bwd at d 128); the 2D form needs no copy.
+  """
+  batch_shape, out_shape = x.shape[:x.ndim - num_contracted], w.shape[num_contracted:]
+  x_MK = x.reshape(math.prod(batch_shape), -1)
+  w_KN = w.reshape(x_MK.shape[1], -1)
+  return (x_MK @ w_KN).reshape(*batch_shape, *out_shape)
 
 
 class Dense(nn.Module):
@@ -36,8 +51,7 @@ class Dense(nn.Module):
         nn.with_logical_partitioning(self.kernel_init, (*self.in_axes, *self.out_axes)),
         (*in_shape, *self.features), self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    contract_x = tuple(range(x.ndim - num_in, x.ndim))
-    y = jax.lax.dot_general(x, kernel, ((contract_x, tuple(range(num_in))), ((), ())))
+    y = matmul_2d(x, kernel, num_in)
     if self.use_bias:
       bias = self.param(
           'bias', nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.out_axes)),
@@ -105,4 +119,4 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, tokens_BT, axis=0).astype(self.dtype)
 
   def attend(self, x_BTD: jax.Array) -> jax.Array:
-    return jnp.einsum('btd,vd->btv', x_BTD.astype(self.dtype), self.embedding.astype(self.dtype))
+    return matmul_2d(x_BTD.astype(self.dtype), self.embedding.astype(self.dtype).T, 1)
