@@ -25,10 +25,10 @@ from jax.experimental import topologies
 from ml_collections import config_flags
 
 from lepton_jax import checkpoint, optim, sharding, train_state
-
-import collectives  # scripts/, beside this file.
 from lepton_jax.data import tokenizers
 from lepton_jax.model import ModelConfig, Transformer
+
+import collectives  # scripts/, beside this file.
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 _NUM_DEVICES = flags.DEFINE_integer(
