@@ -7,19 +7,22 @@ dataset prepared as array_record (`tfds build` it once into data.tfds_data_dir).
 """
 from lepton_jax import config_lib
 
-# slice -> (mesh axis sizes, global batch in sequences of 2048 tokens).
+# slice -> (mesh axis sizes, global batch in sequences of 2048 tokens, micro-batches per step).
+# Sized with scripts/estimate_memory.py (docs/benchmarks.md): 16 sequences per v5e chip need
+# 38 GiB of activations, 4 per micro-batch peak at 11 GiB of the chip's 15.75.
 SLICES = {
-    'v5e-16': (dict(data=1, fsdp=16, tensor=1), 256),
-    'v5p-8': (dict(data=1, fsdp=4, tensor=1), 128),  # v5p-8 is 4 chips.
-    'v5e-256': (dict(data=16, fsdp=16, tensor=1), 1024),
+    'v5e-16': (dict(data=1, fsdp=16, tensor=1), 256, 4),
+    'v5p-8': (dict(data=1, fsdp=4, tensor=1), 128, 1),  # v5p-8 is 4 chips; peak 83 of 95 GiB.
+    'v5e-256': (dict(data=16, fsdp=16, tensor=1), 1024, 1),  # 4 sequences per chip.
 }
 
 
 def get_config(arg='v5e-16'):
-  mesh, batch_size = SLICES[arg or 'v5e-16']
+  mesh, batch_size, grad_accum_steps = SLICES[arg or 'v5e-16']
   config = config_lib.base_config()
   config.total_steps = 50_000
   config.batch_size = batch_size
+  config.grad_accum_steps = grad_accum_steps
   config.seq_len = 2048
   config.z_loss = 1e-4
   config.log_every_steps = 50
