@@ -23,6 +23,11 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     'num_processes', None, 'Number of processes in the job.', lower_bound=1)
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'Index of this process, 0 .. num_processes - 1.', lower_bound=0)
+_CPU_DEVICES = flags.DEFINE_integer(
+    'cpu_devices', None, 'CPU-only runs: split this host into N JAX devices (e.g. one per core). '
+    'XLA:CPU runs devices concurrently, so the many small ops of a small model, which one device '
+    'runs one after another, spread over the cores; the mesh and the losses are unchanged in '
+    'meaning (data=-1 takes all N).', lower_bound=1)
 
 # The variables JAX's own cluster detection reads for each launcher (jax/_src/clusters). We only
 # decide *whether* to join; JAX reads their values.
@@ -37,6 +42,8 @@ def initialize() -> str:
 
   Call before any other JAX use: it starts the backend to log the device counts.
   """
+  if _CPU_DEVICES.value:
+    jax.config.update('jax_num_cpu_devices', _CPU_DEVICES.value)
   mode = detect_mode(
       _COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value, os.environ)
   if mode != 'single':

@@ -153,11 +153,13 @@ def measured_cpu_peak_flops(size: int = 2048, warmup: int = 2, repeats: int = 5)
 def peak_flops_per_device(dtype) -> float | None:
   """Peak FLOP/s of this process's first device: the table on accelerators, measured on CPU.
 
-  On CPU the f32 rate serves every dtype: bf16 matmuls there are no faster than f32.
+  On CPU the f32 rate serves every dtype: bf16 matmuls there are no faster than f32. The matmul
+  uses every core of the host, so a host split into several CPU devices (--cpu_devices) gives
+  each its share.
   """
   device = jax.devices()[0]
   if device.platform == 'cpu':
-    return measured_cpu_peak_flops()
+    return measured_cpu_peak_flops() / jax.local_device_count()
   return device_peak_flops(device, dtype)
 
 

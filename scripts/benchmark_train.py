@@ -5,6 +5,7 @@ batches, so data loading and logging are not measured. Prints one line of JSON w
 
   python scripts/benchmark_train.py --config=configs/shakespeare_char.py --config.model.vocab_size=65
   python scripts/benchmark_train.py --config=configs/stdlib_tiny.py --steps=30 --repeats=5
+  python scripts/benchmark_train.py --config=... --cpu_devices=2  # one JAX device per CPU core
 """
 import json
 import statistics
@@ -16,7 +17,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from lepton_jax import config_lib, data, flops, optim, sharding, train_state
+from lepton_jax import config_lib, data, distributed, flops, optim, sharding, train_state
 from lepton_jax.model import ModelConfig, Transformer
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -34,6 +35,7 @@ def resolved_model_config(config):
 
 def main(argv):
   del argv
+  distributed.initialize()
   config = flags.FLAGS.config
   config_lib.validate(config)
   model_config = resolved_model_config(config)
