@@ -163,3 +163,13 @@ def test_two_processes_on_localhost_reduce_one_global_array():
   for i, report in enumerate(reports):
     assert report == dict(mode='flags', process_index=i, process_count=2, local_devices=4,
                           devices=8, coordinator=(i == 0), total=float(sum(range(8))))
+
+
+def test_cpu_devices_flag_splits_the_host():
+  code = ('import sys; from absl import flags; import jax; from lepton_jax import distributed; '
+          'flags.FLAGS(sys.argv); distributed.initialize(); print(jax.device_count())')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  result = subprocess.run([sys.executable, '-c', code, '--cpu_devices=3'], env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ['3']
