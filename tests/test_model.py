@@ -311,14 +311,14 @@ def _norm_inputs():
 
 def test_rmsnorm_matches_formula():
   x, scale, _ = _norm_inputs()
-  out = layers.RMSNorm(eps=1e-5).apply({'params': {'scale': scale}}, x)
+  out = layers.Norm(eps=1e-5).apply({'params': {'scale': scale}}, x)
   expected = x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + 1e-5) * scale
   assert_close(out, expected, 1e-5)
 
 
 def test_layernorm_matches_formula():
   x, scale, bias = _norm_inputs()
-  out = layers.LayerNorm(eps=1e-5).apply({'params': {'scale': scale, 'bias': bias}}, x)
+  out = layers.Norm(eps=1e-5, center=True).apply({'params': {'scale': scale, 'bias': bias}}, x)
   centered = x - x.mean(-1, keepdims=True)
   expected = centered / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * scale + bias
   assert_close(out, expected, 1e-5)

@@ -60,47 +60,34 @@ class Dense(nn.Module):
     return y
 
 
-class RMSNorm(nn.Module):
-  """x / rms(x) * scale, computed in f32 and cast back (Llama's order of operations)."""
+class Norm(nn.Module):
+  """RMSNorm, x / rms(x) * scale (Llama); with `center`, LayerNorm, (x - mean) / std * scale + bias
+  (GPT-2). Statistics in f32, the result cast back before the scale (Llama's order of operations).
+  """
   eps: float
+  center: bool = False
   axis_name: str = 'embed'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
-                       (x.shape[-1],), self.param_dtype)
+    def param(name, init):
+      return self.param(name, nn.with_logical_partitioning(init, (self.axis_name,)),
+                        (x.shape[-1],), self.param_dtype).astype(self.dtype)
+
     x32 = x.astype(jnp.float32)
+    if self.center:
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return normed.astype(self.dtype) * scale.astype(self.dtype)
-
-
-class LayerNorm(nn.Module):
-  """(x - mean) / std * scale + bias, statistics in f32 (GPT-2)."""
-  eps: float
-  axis_name: str = 'embed'
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    features = (x.shape[-1],)
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
-                       features, self.param_dtype)
-    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)),
-                      features, self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    normed = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
-    return normed * scale.astype(self.dtype) + bias.astype(self.dtype)
+    y = normed.astype(self.dtype) * param('scale', nn.initializers.ones)
+    return y + param('bias', nn.initializers.zeros) if self.center else y
 
 
 def make_norm(kind: str, eps: float, dtype: Dtype, param_dtype: Dtype, name: str,
               axis_name: str = 'embed') -> nn.Module:
-  norms = {'rmsnorm': RMSNorm, 'layernorm': LayerNorm}
-  return norms[kind](eps=eps, axis_name=axis_name, dtype=dtype, param_dtype=param_dtype, name=name)
+  return Norm(eps=eps, center={'rmsnorm': False, 'layernorm': True}[kind], axis_name=axis_name,
+              dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class Embed(nn.Module):
