@@ -26,10 +26,12 @@ class Checkpointer:
     step = self.latest_step()
     if step is None:
       return
-    saved = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    diffs = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
+    saved = self._manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    diffs = [f'{k}: checkpoint {saved.get(k)!r} vs config {v!r}'
+             for k, v in meta.items() if saved.get(k) != v]
     if diffs:
-      first = ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}' for k, (a, b) in list(diffs.items())[:3])
+      first = ', '.join(diffs[:3])
       raise ValueError(f'{self._manager.directory} holds a checkpoint (step {step}) of a different '
                        f'model ({first}); use a new --workdir or restore that config')
 

@@ -58,7 +58,9 @@ def model_config() -> ml_collections.ConfigDict:
       tie_embeddings=False,
       qk_norm=False,
       dropout=0.0,
-      attention='xla',  # xla: einsum + softmax; dot_product: jax.nn.dot_product_attention (cuDNN flash on GPU)
+      # xla: einsum + softmax; dot_product: jax.nn.dot_product_attention (picks cuDNN flash on
+      # GPU where it applies); cudnn: insist on the cuDNN kernel.
+      attention='xla',
       scan_layers=False,
       remat='none',  # none | full | dots | dots_no_batch
       param_dtype='float32',

@@ -16,7 +16,8 @@ def make_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
   elif opt.schedule == 'wsd':
     stable_steps = max(decay_steps - opt.cooldown_steps, 0)
     decay = optax.join_schedules(
-        [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, max(opt.cooldown_steps, 1))],
+        [optax.constant_schedule(peak),
+         optax.linear_schedule(peak, floor, max(opt.cooldown_steps, 1))],
         [stable_steps])
   else:
     raise ValueError(f'config.optimizer.schedule={opt.schedule!r}: expected cosine, linear or wsd')

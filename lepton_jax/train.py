@@ -104,13 +104,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   peak_flops = flops.peak_flops_per_device(model_config.dtype)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
-    abstract_state, state_sharding = train_state.abstract_state(model, tx, mesh, rules, config.seq_len)
+    abstract_state, state_sharding = train_state.abstract_state(model, tx, mesh, rules,
+                                                                config.seq_len)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     replicated = sharding.replicated(mesh)
     latest = checkpointer.latest_step()
     if latest is None:
-      state = jax.jit(train_state.init_state, static_argnums=(0, 1, 2, 3), out_shardings=state_sharding)(
-          model, tx, config.seed, config.seq_len)
+      state = jax.jit(train_state.init_state, static_argnums=(0, 1, 2, 3),
+                      out_shardings=state_sharding)(model, tx, config.seed, config.seq_len)
     else:
       logging.info('Resuming from the checkpoint at step %d in %s', latest, workdir)
       state, data_state = checkpointer.restore(
@@ -137,20 +138,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       else:
         window_steps += 1
 
-      if step % config.log_every_steps == 0 or step == config.total_steps:
-        last_metrics = {k: float(v) for k, v in step_metrics.items()}
+      is_last = step == config.total_steps
+      should_eval = step % config.eval_every_steps == 0 or is_last
+      if step % config.log_every_steps == 0 or should_eval:
+        last_metrics = {k: float(v) for k, v in step_metrics.items()}  # Waits for the step.
         if window_steps:
-          elapsed = time.perf_counter() - window_start
-          tokens_per_sec = window_steps * config.batch_size * config.seq_len / elapsed
+          tokens_per_sec = (window_steps * config.batch_size * config.seq_len /
+                            (time.perf_counter() - window_start))
           last_metrics['tokens_per_sec'] = tokens_per_sec
           if peak_flops:
             last_metrics['mfu'] = flops.mfu(tokens_per_sec / jax.device_count(), flops_per_token,
                                             peak_flops)
-          window_start, window_steps = time.perf_counter(), 0
-        if step % config.eval_every_steps == 0 or step == config.total_steps:
+        if should_eval:
           last_metrics.update(evaluate(eval_fn, state.params, eval_batches, batch_sharding))
         writer.write(step, last_metrics)
         bar.set_postfix(loss=f"{last_metrics['train/loss']:.3f}")
+        window_start, window_steps = time.perf_counter(), 0  # Evaluation is not training time.
 
       preempted = preemption.reached(step)
       if step % config.checkpoint_every_steps == 0 or step == config.total_steps or preempted:

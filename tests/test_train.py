@@ -69,6 +69,16 @@ def test_short_run_learns_and_logs(tmp_path):
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['20', '30', '40']  # keep_checkpoints=3
 
 
+def test_eval_runs_on_its_own_schedule(tmp_path):
+  workdir = tmp_path / 'run'
+  config = tiny_config(tmp_path, total_steps=12, log_every_steps=4, eval_every_steps=6)
+  train.train_and_evaluate(config, str(workdir))
+  records = read_metrics(workdir)
+  assert [r['step'] for r in records] == [4, 6, 8, 12]
+  assert [r['step'] for r in records if 'eval/loss' in r] == [6, 12]
+  assert all('tokens_per_sec' in r for r in records)
+
+
 def test_resume_after_preemption_is_exact(tmp_path, monkeypatch):
   config = tiny_config(tmp_path, total_steps=24, checkpoint_every_steps=100, **{'model.dropout': 0.1})
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
