@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-GATED_MLPS = ('swiglu', 'geglu')  # up, gate and down projections: 3 matrices.
-PLAIN_MLPS = ('gelu', 'relu')  # up and down projections: 2 matrices.
+from lepton_jax.model import transformer
+
 
 # The backward pass costs two matmuls per forward matmul (gradients w.r.t. inputs and weights).
 TRAIN_TO_FORWARD_FLOPS = 3
@@ -30,12 +30,11 @@ def attention_projection_params(model_config: ml_collections.ConfigDict) -> int:
 
 def mlp_params(model_config: ml_collections.ConfigDict) -> int:
   """Weights of the MLP in one layer."""
-  if model_config.mlp in GATED_MLPS:
-    num_matrices = 3
-  elif model_config.mlp in PLAIN_MLPS:
-    num_matrices = 2
-  else:
-    raise ValueError(f'Unknown mlp {model_config.mlp!r}; expected one of {GATED_MLPS + PLAIN_MLPS}.')
+  if model_config.mlp not in transformer.ACTIVATIONS:
+    raise ValueError(f'Unknown mlp {model_config.mlp!r}; expected one of '
+                     f'{tuple(transformer.ACTIVATIONS)}.')
+  # Gated: up, gate and down projections; otherwise up and down.
+  num_matrices = 3 if model_config.mlp in transformer.GATED_MLPS else 2
   return num_matrices * model_config.d_model * model_config.d_ff
 
 

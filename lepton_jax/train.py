@@ -78,7 +78,7 @@ class PreemptionWatch:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Runs (or resumes) the experiment; returns the last logged metrics."""
   config_lib.validate(config)
-  is_coordinator = jax.process_index() == 0
+  is_coordinator = distributed.is_coordinator()
   mesh = sharding.make_mesh(config.mesh)
   rules = config.mesh.rules
   data_parallel = sharding.data_parallel_size(mesh, rules)
@@ -110,8 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     replicated = sharding.replicated(mesh)
     latest = checkpointer.latest_step()
     if latest is None:
-      state = jax.jit(train_state.init_state, static_argnums=(0, 1, 2, 3),
-                      out_shardings=state_sharding)(model, tx, config.seed, config.seq_len)
+      state = train_state.init_state(model, tx, config.seed, config.seq_len, state_sharding)
     else:
       logging.info('Resuming from the checkpoint at step %d in %s', latest, workdir)
       state, data_state = checkpointer.restore(

@@ -40,11 +40,17 @@ def abstract_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rul
   return abstract, shardings
 
 
-def init_state(model, tx, seed: int, seq_len: int) -> TrainState:
-  params_key, dropout_key = jax.random.split(jax.random.key(seed))
-  params = nn.unbox(model.init(params_key, jnp.zeros((1, seq_len), jnp.int32))['params'])
-  return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                          rng=jax.random.key_data(dropout_key))
+def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, seq_len: int,
+               shardings: TrainState) -> TrainState:
+  """A fresh TrainState, initialised under jit straight into `shardings` (no host holds it all)."""
+  def init(model, tx, seed, seq_len):
+    params_key, dropout_key = jax.random.split(jax.random.key(seed))
+    params = nn.unbox(model.init(params_key, jnp.zeros((1, seq_len), jnp.int32))['params'])
+    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(dropout_key))
+
+  return jax.jit(init, static_argnums=(0, 1, 2, 3), out_shardings=shardings)(
+      model, tx, seed, seq_len)
 
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,

@@ -47,8 +47,7 @@ def main(argv):
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
     _, state_sharding = train_state.abstract_state(model, tx, mesh, rules, config.seq_len)
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    state = jax.jit(train_state.init_state, static_argnums=(0, 1, 2, 3), out_shardings=state_sharding)(
-        model, tx, config.seed, config.seq_len)
+    state = train_state.init_state(model, tx, config.seed, config.seq_len, state_sharding)
     step_fn = train_state.jit_train_step(model, tx, schedule, config, state_sharding,
                                          batch_sharding)
     rng = np.random.default_rng(0)

@@ -81,8 +81,7 @@ def initial_state(config):
   tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(config.mesh.rules)):
     _, shardings = train_state.abstract_state(model, tx, mesh, config.mesh.rules, config.seq_len)
-    return jax.jit(train_state.init_state, static_argnums=(0, 1, 2, 3), out_shardings=shardings)(
-        model, tx, config.seed, config.seq_len)
+    return train_state.init_state(model, tx, config.seed, config.seq_len, shardings)
 
 
 def bytes_per_device(tree) -> dict[jax.Device, int]:

@@ -36,7 +36,7 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_TS, dropout: nn.Module, determini
   ~1.5-3x faster on CPU, for MHA (G=1) as for GQA.
   """
   B, T, N, H = q_BTNH.shape
-  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  K = k_BSKH.shape[2]
   G = N // K
   # Head n = k * G + g, so (N, T) -> (K, G * T) is a reshape.
   q_BKMH = (q_BTNH * H ** -0.5).transpose(0, 2, 1, 3).reshape(B, K, G * T, H)
