@@ -20,6 +20,7 @@ tokens: data loading is not what this times. Prints one line of JSON with median
   python scripts/bench_nanogpt_torch.py
   python scripts/bench_nanogpt_torch.py --n_layer 6 --n_head 6 --n_embd 384 --block_size 256 \
       --batch_size 16 --steps 20 --warmup 3
+  python scripts/bench_nanogpt_torch.py --part=fwd_bwd  # no clipping, no optimizer
 """
 import argparse
 import dataclasses
@@ -154,6 +155,24 @@ def train_step(model, optimizer, tokens_BT, targets_BT):
   return loss
 
 
+def forward_backward(model, optimizer, tokens_BT, targets_BT):
+  """The loss and its gradients only: train_step without clipping and the optimizer."""
+  del optimizer
+  loss = model(tokens_BT, targets_BT)
+  loss.backward()
+  model.zero_grad(set_to_none=True)
+  return loss
+
+
+def forward(model, optimizer, tokens_BT, targets_BT):
+  del optimizer
+  with torch.no_grad():
+    return model(tokens_BT, targets_BT)
+
+
+PARTS = {'step': train_step, 'fwd_bwd': forward_backward, 'fwd': forward}
+
+
 def random_batches(config: GPTConfig, batch_size: int, count: int):
   """(input, target) pairs of random tokens, made before timing starts."""
   shape = (batch_size, config.block_size + 1)
@@ -161,14 +180,15 @@ def random_batches(config: GPTConfig, batch_size: int, count: int):
   return [(s[:, :-1].contiguous(), s[:, 1:].contiguous()) for s in sequences]
 
 
-def time_steps(model, optimizer, batches, warmup: int, steps: int) -> list[float]:
+def time_steps(model, optimizer, batches, warmup: int, steps: int,
+               step_fn=train_step) -> list[float]:
   """Seconds of each timed step, after `warmup` untimed ones (allocator, torch.compile)."""
   for i in range(warmup):
-    train_step(model, optimizer, *batches[i % len(batches)])
+    step_fn(model, optimizer, *batches[i % len(batches)])
   seconds = []
   for i in range(steps):
     start = time.perf_counter()
-    loss = train_step(model, optimizer, *batches[i % len(batches)])
+    loss = step_fn(model, optimizer, *batches[i % len(batches)])
     loss.item()  # The step is done once its loss can be read.
     seconds.append(time.perf_counter() - start)
   return seconds
@@ -186,6 +206,9 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument('--steps', type=int, default=50, help='Timed steps.')
   parser.add_argument('--warmup', type=int, default=10, help='Untimed steps first.')
   parser.add_argument('--compile', action='store_true', help='torch.compile the model.')
+  parser.add_argument('--part', choices=sorted(PARTS), default='step',
+                      help='Time the whole step, or only the forward and backward, '
+                      'or only the forward.')
   return parser.parse_args()
 
 
@@ -200,10 +223,11 @@ def main():
     model = torch.compile(model)
   batches = random_batches(config, args.batch_size, count=8)
   ms_per_step = 1000 * statistics.median(time_steps(model, optimizer, batches, args.warmup,
-                                                    args.steps))
+                                                    args.steps, PARTS[args.part]))
   tokens_per_step = args.batch_size * args.block_size
   print(json.dumps(dict(
       impl='nanogpt_torch',
+      part=args.part,
       tokens_per_sec=round(tokens_per_step / (ms_per_step / 1000), 1),
       ms_per_step=round(ms_per_step, 3),
       steps=args.steps,

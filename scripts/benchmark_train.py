@@ -6,6 +6,11 @@ batches, so data loading and logging are not measured. Prints one line of JSON w
   python scripts/benchmark_train.py --config=configs/shakespeare_char.py --config.model.vocab_size=65
   python scripts/benchmark_train.py --config=configs/stdlib_tiny.py --steps=30 --repeats=5
   python scripts/benchmark_train.py --config=... --cpu_devices=2  # one JAX device per CPU core
+  python scripts/benchmark_train.py --config=... --part=fwd_bwd  # loss and gradients only
+
+`--part=fwd_bwd` times the loss and its gradients as the step computes them (with the gradient
+all-reduce across data-parallel devices, without clipping and the optimizer); `--part=fwd` the
+loss alone. MFU is reported for whole steps only.
 """
 import json
 import statistics
@@ -17,12 +22,14 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from lepton_jax import config_lib, data, distributed, flops, optim, sharding, train_state
+from lepton_jax import config_lib, data, distributed, flops, optim, sharding, steps, train_state
 from lepton_jax.model import ModelConfig, Transformer
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_integer('steps', 20, 'Timed steps per repeat.')
 flags.DEFINE_integer('repeats', 5, 'Timed repeats; the median is reported.')
+flags.DEFINE_enum('part', 'step', ['step', 'fwd_bwd', 'fwd'],
+                  'What to time: the train step, only the loss and gradients, or only the loss.')
 flags.DEFINE_string('workdir', '/tmp/lepton_benchmark', 'Where a trained tokenizer is cached '
                     '(only when config.model.vocab_size is 0).')
 
@@ -31,6 +38,21 @@ def resolved_model_config(config):
   if config.model.vocab_size:
     return config.model
   return config_lib.resolve_vocab(config.model, data.build_tokenizer(config.data, flags.FLAGS.workdir))
+
+
+def jit_part(part: str, model, config, state_sharding, batch_sharding):
+  """(state, batch) -> (state, output): the step's loss (fwd), or its gradients (fwd_bwd)."""
+  def loss(params, batch):
+    return steps.summed_loss(params, model, batch, jax.random.key(config.seed), config.z_loss,
+                             deterministic=model.cfg.dropout == 0.0)[0]
+
+  compute, out_sharding = {
+      'fwd': (loss, sharding.replicated(state_sharding.step.mesh)),
+      'fwd_bwd': (jax.grad(loss), state_sharding.params),  # Gradients placed as the step's.
+  }[part]
+  jitted = jax.jit(compute, in_shardings=(state_sharding.params, batch_sharding),
+                   out_shardings=out_sharding)
+  return lambda state, batch: (state, jitted(state.params, batch))
 
 
 def main(argv):
@@ -48,8 +70,11 @@ def main(argv):
     _, state_sharding = train_state.abstract_state(model, tx, mesh, rules, config.seq_len)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     state = train_state.init_state(model, tx, config.seed, config.seq_len, state_sharding)
-    step_fn = train_state.jit_train_step(model, tx, schedule, config, state_sharding,
-                                         batch_sharding)
+    if flags.FLAGS.part == 'step':
+      step_fn = train_state.jit_train_step(model, tx, schedule, config, state_sharding,
+                                           batch_sharding)
+    else:
+      step_fn = jit_part(flags.FLAGS.part, model, config, state_sharding, batch_sharding)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model_config.vocab_size, (config.batch_size, config.seq_len + 1),
                           dtype=np.int32)
@@ -78,7 +103,9 @@ def main(argv):
       'model_tflops_per_sec_per_device': round(
           tokens_per_sec * flops_per_token / jax.device_count() / 1e12, 4),
       'peak_tflops_per_device': peak and round(peak / 1e12, 4),
-      'mfu': flops.mfu(tokens_per_sec / jax.device_count(), flops_per_token, peak),
+      'mfu': flops.mfu(tokens_per_sec / jax.device_count(), flops_per_token, peak)
+             if flags.FLAGS.part == 'step' else None,
+      'part': flags.FLAGS.part,
       'batch_size': config.batch_size, 'seq_len': config.seq_len,
       'num_layers': model_config.num_layers, 'd_model': model_config.d_model,
       'vocab_size': model_config.vocab_size, 'dtype': model_config.dtype,

@@ -1,0 +1,26 @@
+"""scripts/benchmark_train.py times the step, or only its loss and gradients, on a CPU mesh."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).parent.parent
+TINY = ['--config=configs/stdlib_tiny.py', '--config.model.vocab_size=272',
+        '--config.model.num_layers=1', '--config.batch_size=4', '--config.seq_len=16']
+
+
+@pytest.mark.parametrize('part', ['step', 'fwd_bwd', 'fwd'])
+def test_benchmark_reports_each_part_on_two_devices(part):
+  result = subprocess.run(
+      [sys.executable, 'scripts/benchmark_train.py', *TINY, '--cpu_devices=2', '--steps=2',
+       '--repeats=2', f'--part={part}'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report['part'] == part and report['num_devices'] == 2
+  assert report['tokens_per_sec'] == pytest.approx(4 * 16 / (report['ms_per_step'] / 1000),
+                                                   rel=1e-2)
+  # MFU counts a whole train step's FLOPs, so only a whole step reports it.
+  assert (report['mfu'] is not None) == (part == 'step')
