@@ -35,6 +35,7 @@ def get_config(arg='v5e-16'):
   config.data.train_split = 'train'
   config.data.eval_split = 'validation'
   config.data.vocab_size = 32_000
+  config.data.streaming = True  # C4 is far too big to tokenize up front.
 
   m = config.model
   m.vocab_size = 32_000

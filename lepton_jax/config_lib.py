@@ -97,6 +97,11 @@ def base_config() -> ml_collections.ConfigDict:
       tokenizer_path='',  # An existing .model; '' trains one (cached in the workdir).
       vocab_size=1024,  # sentencepiece vocabulary to train.
       spm_train_chars=20_000_000,  # Text fed to the sentencepiece trainer (cap).
+      # False: tokenize the whole train split up front (small corpora; every token is a target
+      # exactly once per epoch). True: shuffle documents and tokenize and pack them as training
+      # reads them, for corpora too large to tokenize in memory (C4 and up).
+      streaming=False,
+      read_threads=4,  # streaming: threads reading and tokenizing documents ahead of training.
   ))
 
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -153,7 +158,7 @@ CHOICES = {
 POSITIVE = ('total_steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every_steps',
             'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'model.d_model',
             'model.num_layers', 'model.num_heads', 'model.num_kv_heads', 'model.head_dim',
-            'model.d_ff', 'model.max_seq_len')
+            'model.d_ff', 'model.max_seq_len', 'data.read_threads')
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):

@@ -1,4 +1,4 @@
-"""scripts/benchmark_train.py times the step, or only its loss and gradients, on a CPU mesh."""
+"""The benchmark scripts: train step (or its parts) on a CPU mesh, and the input pipeline."""
 import json
 import pathlib
 import subprocess
@@ -24,3 +24,18 @@ def test_benchmark_reports_each_part_on_two_devices(part):
                                                    rel=1e-2)
   # MFU counts a whole train step's FLOPs, so only a whole step reports it.
   assert (report['mfu'] is not None) == (part == 'step')
+
+
+@pytest.mark.parametrize('streaming', [False, True])
+def test_data_benchmark_reports_tokens_per_second(tmp_path, streaming):
+  result = subprocess.run(
+      [sys.executable, 'scripts/benchmark_data.py', '--config=configs/shakespeare_char.py',
+       f'--config.data.path={REPO / "README.md"}', f'--config.data.streaming={streaming}',
+       '--process_count=2', '--batches=5', f'--workdir={tmp_path}'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report['streaming'] is streaming
+  assert (report['local_batch_size'], report['seq_len']) == (6, 64)  # Half of 12 x 64.
+  assert report['tokens_per_sec'] == pytest.approx(
+      report['batches_per_sec'] * 6 * 64, rel=1e-2)

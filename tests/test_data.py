@@ -361,6 +361,91 @@ def test_train_split_shorter_than_a_row_names_the_source(tmp_path):
     data.make_train_iterator(config, tokenizers.ByteTokenizer(), 0, 1)
 
 
+def test_eval_tokenizes_only_the_documents_it_needs(monkeypatch):
+  read = set()
+
+  class Recording(list):
+    def __getitem__(self, index):
+      read.add(index)
+      return super().__getitem__(index)
+
+  documents = Recording(f'document {i}' for i in range(5000))
+  monkeypatch.setattr(sources, 'load_documents', lambda data_config, split: documents)
+  batches = data.make_eval_batches(make_config(tokenizer='bytes'), tokenizers.ByteTokenizer(), 0, 1)
+  assert len(batches) == 2  # eval_batches x 4 x 8 tokens: a few dozen documents' worth.
+  assert max(read) < 1024  # One tokenizer call's worth of documents, not the whole split.
+
+
+# Streaming pipeline: documents tokenized and packed as they are read.
+
+
+def write_documents(tmp_path, count=24):
+  """A directory of `count` distinct short documents (one per file), all for training."""
+  corpus = tmp_path / 'docs'
+  corpus.mkdir()
+  texts = [f'doc {i}: ' + 'xyz'[i % 3] * (3 + i % 11) for i in range(count)]
+  for i, text in enumerate(texts):
+    (corpus / f'{i:03d}.txt').write_text(text, encoding='utf-8')
+  config = make_config(source='text', path=str(corpus), tokenizer='bytes', val_fraction=0.0,
+                       streaming=True, read_threads=2)
+  return config, texts
+
+
+def streamed_documents(config, process_index, process_count, num_batches):
+  """The documents in the order this process's rows hold them (rows joined, split at eos)."""
+  tokenizer = tokenizers.ByteTokenizer()
+  batches = take(data.make_train_iterator(config, tokenizer, process_index, process_count),
+                 num_batches)
+  for batch in batches:
+    assert batch['inputs'].dtype == np.int32 and batch['inputs'].shape[1] == config.seq_len
+    np.testing.assert_array_equal(batch['inputs'][:, 1:], batch['targets'][:, :-1])
+  rows = [np.concatenate([b['inputs'], b['targets'][:, -1:]], axis=1) for b in batches]
+  stream = np.concatenate(rows).reshape(-1)
+  pieces = np.split(stream, np.flatnonzero(stream == tokenizer.eos_id) + 1)
+  return [tokenizer.decode(piece[:-1]) for piece in pieces[:-1]]  # The last may be cut short.
+
+
+def test_streaming_rows_hold_each_document_once_per_epoch(tmp_path):
+  config, texts = write_documents(tmp_path)
+  epoch_batches = 2 * sum(len(t) + 1 for t in texts) // (config.batch_size * (config.seq_len + 1))
+  documents = streamed_documents(config, 0, 1, epoch_batches)
+  first_epoch = documents[:len(texts)]
+  assert sorted(first_epoch) == sorted(texts)
+  assert first_epoch != texts  # Shuffled,
+  assert documents[len(texts):len(texts) + 5] != first_epoch[:5]  # and reshuffled each epoch.
+  config.seed = 1
+  assert streamed_documents(config, 0, 1, 4)[:4] != first_epoch[:4]
+
+
+def test_streaming_processes_read_disjoint_documents(tmp_path):
+  config, texts = write_documents(tmp_path)
+  per_process = [streamed_documents(config, p, 2, 12)[:len(texts) // 2] for p in range(2)]
+  assert not set(per_process[0]) & set(per_process[1])
+  assert sorted(per_process[0] + per_process[1]) == sorted(texts)
+
+
+def test_streaming_resume_from_state_is_exact(tmp_path):
+  config, _ = write_documents(tmp_path)
+  tokenizer = tokenizers.ByteTokenizer()
+  iterator = data.make_train_iterator(config, tokenizer, 1, 2)
+  take(iterator, 7)
+  state = json.loads(json.dumps(iterator.get_state()))  # Checkpoints store it as JSON.
+  expected = take(iterator, 30)  # Crosses epoch boundaries.
+  resumed = data.make_train_iterator(config, tokenizer, 1, 2)
+  resumed.set_state(state)
+  assert_same_batches(take(resumed, 30), expected)
+
+
+def test_streaming_reads_a_tfds_source():
+  records = {'train': [{'text': f'record {i} '.encode() * (i + 1)} for i in range(10)],
+             'test': [{'text': b'held out'}]}
+  config = make_config(source='tfds', tfds_name='lm1b', tokenizer='bytes', streaming=True)
+  with tfds.testing.mock_data(as_data_source_fn=fake_data_source(records)):
+    batches = take(data.make_train_iterator(config, tokenizers.ByteTokenizer(), 0, 1), 5)
+  text = tokenizers.ByteTokenizer().decode(np.concatenate([b['inputs'] for b in batches]).ravel())
+  assert 'record' in text and 'held out' not in text
+
+
 def test_unigram_entropy_of_uniform_and_constant_streams():
   assert pipeline.unigram_entropy(np.arange(8).repeat(3)) == pytest.approx(np.log(8))
   assert pipeline.unigram_entropy(np.full(10, 5)) == 0.0

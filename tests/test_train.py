@@ -79,8 +79,10 @@ def test_eval_runs_on_its_own_schedule(tmp_path):
   assert all('tokens_per_sec' in r for r in records)
 
 
-def test_resume_after_preemption_is_exact(tmp_path, monkeypatch):
-  config = tiny_config(tmp_path, total_steps=24, checkpoint_every_steps=100, **{'model.dropout': 0.1})
+@pytest.mark.parametrize('streaming', [False, True])
+def test_resume_after_preemption_is_exact(tmp_path, monkeypatch, streaming):
+  config = tiny_config(tmp_path, total_steps=24, checkpoint_every_steps=100,
+                       **{'model.dropout': 0.1, 'data.streaming': streaming})
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
 
   interrupted = str(tmp_path / 'interrupted')

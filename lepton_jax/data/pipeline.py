@@ -7,6 +7,11 @@ rows share one token and every token of the stream is a target exactly once.
 Training visits rows in grain's index shuffle, reseeded every epoch: the batch at step s is a pure
 function of (seed, s), so an iterator's checkpointable state is just its position. Every process
 computes the same global batch of row ids and gathers only its own slice of them.
+
+With `data.streaming` nothing is tokenized up front (for corpora that do not fit in memory):
+documents are shuffled, each process reads every process_count-th of them, and threads tokenize
+them ahead of training; grain packs the token stream into rows of T + 1 tokens. The iterator's
+state is then the document position plus the partly packed row, still a small JSON dict.
 """
 from collections.abc import Sequence
 import time
@@ -22,27 +27,36 @@ from lepton_jax.data import tokenizers
 Batch = dict[str, np.ndarray]
 
 
+def _token_dtype(tokenizer: tokenizers.Tokenizer):
+  return np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32  # Halves memory for most vocabs.
+
+
 def tokenize_documents(documents: Sequence[str], tokenizer: tokenizers.Tokenizer,
-                       docs_per_call: int = 1024) -> np.ndarray:
-  """One flat array of every document's tokens, each document followed by eos."""
-  dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32  # Halves memory for most vocabs.
+                       max_tokens: int | None = None, docs_per_call: int = 1024) -> np.ndarray:
+  """One flat array of the documents' tokens in order, each document followed by eos.
+
+  With `max_tokens`, stops reading documents once that many tokens are there (and trims to it).
+  """
+  dtype = _token_dtype(tokenizer)
   eos = np.array([tokenizer.eos_id], dtype)
-  pieces = []
+  pieces, count = [], 0
   for start in range(0, len(documents), docs_per_call):
+    if max_tokens is not None and count >= max_tokens:
+      break
     texts = [documents[i] for i in range(start, min(start + docs_per_call, len(documents)))]
     for ids in tokenizer.encode_batch(texts):
       pieces += [np.asarray(ids, dtype), eos]
-  return np.concatenate(pieces)
+      count += len(ids) + 1
+  return np.concatenate(pieces)[:max_tokens]
 
 
 def _tokenize_split(data_config: ml_collections.ConfigDict, split: str,
-                    tokenizer: tokenizers.Tokenizer) -> np.ndarray:
+                    tokenizer: tokenizers.Tokenizer, max_tokens: int | None = None) -> np.ndarray:
   start = time.time()
-  documents = sources.load_documents(data_config, split)
-  tokens = tokenize_documents(documents, tokenizer)
-  logging.info('Tokenized %d %s documents into %d tokens in %.1fs; unigram entropy %.3f nats '
-               '(the loss of a model that ignores context).', len(documents), split, len(tokens),
-               time.time() - start, unigram_entropy(tokens))
+  tokens = tokenize_documents(sources.load_documents(data_config, split), tokenizer, max_tokens)
+  logging.info('Tokenized %d %s tokens in %.1fs; unigram entropy %.3f nats (the loss of a model '
+               'that ignores context).', len(tokens), split, time.time() - start,
+               unigram_entropy(tokens))
   return tokens
 
 
@@ -79,6 +93,9 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: tokenizers
   The iterator's get_state() / set_state() save and restore its position (a small JSON dict).
   """
   local_batch_size = _local_batch_size(config.batch_size, process_index, process_count)
+  if config.data.streaming:
+    return iter(_streamed_batches(config, tokenizer, process_index, process_count,
+                                  local_batch_size))
   seq_len = config.seq_len
   tokens = _tokenize_split(config.data, 'train', tokenizer)
   num_rows = (len(tokens) - 1) // seq_len
@@ -102,15 +119,45 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: tokenizers
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
 
 
+def _streamed_batches(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
+                      process_index: int, process_count: int,
+                      local_batch_size: int) -> grain.IterDataset:
+  """This process's batches, tokenized and packed as they are read (see the module docstring).
+
+  Rows do not overlap: each holds T + 1 tokens, inputs the first T and targets the last T.
+  """
+  documents = sources.load_documents(config.data, 'train')
+  dtype = _token_dtype(tokenizer)
+
+  def tokenize(text: str) -> dict[str, np.ndarray]:
+    return {'tokens': np.asarray(tokenizer.encode(text) + [tokenizer.eos_id], dtype)}
+
+  process_documents = (grain.MapDataset.source(documents)
+                       .shuffle(seed=config.seed)
+                       .repeat()  # Reshuffled every epoch, as the in-memory rows are.
+                       [process_index::process_count]
+                       .map(tokenize))
+  read_options = grain.ReadOptions(num_threads=config.data.read_threads,
+                                   prefetch_buffer_size=4 * config.data.read_threads)
+  rows = grain.experimental.ConcatThenSplitIterDataset(
+      process_documents.to_iter_dataset(read_options),
+      length_struct={'tokens': config.seq_len + 1})
+  batches = rows.batch(local_batch_size, drop_remainder=True).map(
+      lambda rows: _rows_to_batch(rows['tokens']))
+  return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=4)
+
+
 def make_eval_batches(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
                       process_index: int, process_count: int) -> list[Batch]:
   """The first eval_batches batches of the eval split, in order, with a float32 'mask'.
 
-  A short split gives fewer batches, never none: the last one is padded with mask 0.
+  A short split gives fewer batches, never none: the last one is padded with mask 0. Only the
+  documents these batches need are tokenized.
   """
   local_batch_size = _local_batch_size(config.batch_size, process_index, process_count)
   seq_len, batch_size = config.seq_len, config.batch_size
-  tokens = _tokenize_split(config.data, 'eval', tokenizer)
+  tokens = _tokenize_split(config.data, 'eval', tokenizer,
+                           max_tokens=config.eval_batches * batch_size * seq_len + 1)
   full_batches = (len(tokens) - 1) // seq_len // batch_size
   num_batches = max(1, min(config.eval_batches, full_batches))
 
