@@ -21,6 +21,9 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
   def check_compatible(self, meta: dict[str, Any]) -> None:
     """Raises if the latest checkpoint holds a model different from `meta`."""
     step = self.latest_step()

@@ -1,8 +1,39 @@
 """Draw text from a trained model (a fixed-window loop; the KV-cache decoder is in a later room)."""
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+
+from lepton_jax import checkpoint, config_lib, experiment, sharding, train_state
+
+
+def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
+  """(model, params, tokenizer) of the run in `workdir`, from its latest checkpoint or `step`.
+
+  `config` is the run's config (its model, data and mesh settings); the params are placed on the
+  mesh it describes.
+  """
+  config_lib.validate(config)
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise FileNotFoundError(f'{workdir} holds no checkpoints; train there first '
+                            f'(lepton-train --workdir={workdir}).')
+  run = experiment.build(config, workdir)
+  available = run.checkpointer.all_steps()
+  step = available[-1] if step is None and available else step
+  if step not in available:
+    raise FileNotFoundError(f'{workdir}/checkpoints has no checkpoint of step {step}; '
+                            f'it has steps {available}.')
+  mesh, rules = sharding.make_mesh(config.mesh), config.mesh.rules
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+    abstract_state, state_sharding = train_state.abstract_state(run.model, run.tx, mesh, rules,
+                                                                config.seq_len)
+    state, _ = run.checkpointer.restore(
+        step, checkpoint.abstract_like(abstract_state, state_sharding))
+  run.checkpointer.close()
+  return run.model, state.params, run.tokenizer
 
 
 def sample_text(model: nn.Module, params, tokenizer, prompt: str, num_tokens: int,

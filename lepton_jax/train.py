@@ -21,18 +21,11 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from lepton_jax import checkpoint, config_lib, data, distributed, flops, metrics, optim, sample
-from lepton_jax import sharding, steps, train_state
-from lepton_jax.model import ModelConfig, Transformer
+from lepton_jax import checkpoint, config_lib, data, distributed, experiment, flops, metrics
+from lepton_jax import sample, sharding, steps, train_state
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
-
-# Model fields that change parameter shapes or the parameter tree: a checkpoint only restores
-# into a model that agrees on all of them.
-SHAPE_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
-                'd_ff', 'mlp', 'norm', 'positions', 'qkv_bias', 'out_bias', 'mlp_bias',
-                'tie_embeddings', 'qk_norm', 'scan_layers', 'param_dtype')
 
 
 def evaluate(eval_fn, params, eval_batches, batch_sharding) -> dict[str, float]:
@@ -86,14 +79,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the data-parallel '
                      f'size {data_parallel} x config.grad_accum_steps={config.grad_accum_steps}')
 
-  tokenizer = data.build_tokenizer(config.data, workdir)
-  model_config = config_lib.resolve_vocab(config.model, tokenizer)
-  model = Transformer(ModelConfig.from_config(model_config))
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-  meta = {k: model_config[k] for k in SHAPE_FIELDS}
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                         config.keep_checkpoints)
-  checkpointer.check_compatible(meta)
+  run = experiment.build(config, workdir)
+  tokenizer, model_config, model, tx = run.tokenizer, run.model_config, run.model, run.tx
+  checkpointer = run.checkpointer
 
   train_iter = data.make_train_iterator(config, tokenizer, jax.process_index(),
                                         jax.process_count())
@@ -117,7 +105,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           latest, checkpoint.abstract_like(abstract_state, state_sharding))
       train_iter.set_state(data_state)
 
-    train_fn = train_state.jit_train_step(model, tx, schedule, config, state_sharding,
+    train_fn = train_state.jit_train_step(model, tx, run.schedule, config, state_sharding,
                                           batch_sharding)
     eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
                       in_shardings=(state_sharding.params, batch_sharding),
@@ -156,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       preempted = preemption.reached(step)
       if step % config.checkpoint_every_steps == 0 or step == config.total_steps or preempted:
-        checkpointer.save(step, state, train_iter.get_state(), meta, force=preempted)
+        checkpointer.save(step, state, train_iter.get_state(), run.meta, force=preempted)
       if preempted:
         logging.warning('Preempted at step %d: checkpoint written, exiting.', step)
         break

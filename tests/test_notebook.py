@@ -76,6 +76,9 @@ def test_quickstart_runs(tmp_path):
   train_output = ''.join(out.get('text', '') for cell in code if 'train_and_evaluate' in cell.source
                          for out in cell.outputs if out.output_type == 'stream')
   assert '--- sample after 30 steps ---' in train_output
+  (sample_cell,) = [cell for cell in code if 'sample.load(' in cell.source]
+  sampled = ''.join(out.get('text', '') for out in sample_cell.outputs)
+  assert sampled.startswith('class ') and '\nimport ' in sampled  # Both prompts, continued.
 
   result = json.loads(nb.cells[-1].outputs[0]['text'])
   assert result['steps'] == [5, 10, 15, 20, 25, 30]

@@ -1,0 +1,40 @@
+"""Sample text from a trained run: the same --config and --workdir as lepton-train.
+
+  python scripts/sample.py --config=configs/stdlib_tiny.py --workdir=/tmp/stdlib_tiny \
+      --config.sample.prompt='def ' --config.sample.num_tokens=300 [--step=400]
+
+`config.sample` sets the prompt, length, temperature and top-k; `--samples` draws several, each
+with its own seed.
+"""
+import sys
+
+from absl import app, flags, logging
+
+from lepton_jax import sample, train
+
+flags.DEFINE_integer('step', None, 'Checkpoint step to load (default: the latest).')
+flags.DEFINE_integer('samples', 1, 'How many samples to draw.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if flags.FLAGS.workdir is None:
+    raise app.UsageError('--workdir is required')
+  train.quiet_library_info_logs()
+  config = flags.FLAGS.config
+  try:
+    model, params, tokenizer = sample.load(config, flags.FLAGS.workdir, flags.FLAGS.step)
+  except (ValueError, FileNotFoundError) as e:
+    logging.debug('Traceback of the error below:', exc_info=True)
+    sys.exit(f'sample: error: {e}')
+  for index in range(flags.FLAGS.samples):
+    text = sample.sample_text(model, params, tokenizer, config.sample.prompt,
+                              config.sample.num_tokens, config.sample.temperature,
+                              config.sample.top_k, config.seq_len, config.seed + index)
+    print(f'--- sample {index} ---\n{text}', flush=True)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main, flags_parser=train.parse_flags)

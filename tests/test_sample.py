@@ -1,0 +1,75 @@
+"""Loading a trained run's checkpoint to sample from it: lepton_jax.sample.load and scripts/sample.py."""
+import functools
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from lepton_jax import data, sample, steps, train
+from tests.test_train import read_metrics, tiny_config
+
+REPO = pathlib.Path(__file__).parent.parent
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A tiny run with checkpoints and evals at steps 10 and 20: (config, workdir)."""
+  tmp_path = tmp_path_factory.mktemp('run')
+  config = tiny_config(tmp_path, total_steps=20)
+  workdir = str(tmp_path / 'workdir')
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def eval_loss(config, model, params, tokenizer) -> float:
+  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model))
+  sums = [eval_fn(params, batch) for batch in data.make_eval_batches(config, tokenizer, 0, 1)]
+  return sum(float(s['loss_sum']) for s in sums) / sum(float(s['tokens']) for s in sums)
+
+
+@pytest.mark.parametrize('step', [None, 10])
+def test_load_restores_the_params_the_run_evaluated(trained, step):
+  config, workdir = trained
+  model, params, tokenizer = sample.load(config, workdir, step)
+  logged = {r['step']: r['eval/loss'] for r in read_metrics(workdir) if 'eval/loss' in r}
+  assert eval_loss(config, model, params, tokenizer) == pytest.approx(logged[step or 20], rel=1e-5)
+
+
+def test_loaded_model_continues_a_prompt(trained):
+  config, workdir = trained
+  model, params, tokenizer = sample.load(config, workdir)
+  text = sample.sample_text(model, params, tokenizer, 'line 3', num_tokens=40, temperature=0.5,
+                            top_k=10, window=config.seq_len, seed=0)
+  assert text.startswith('line 3') and len(tokenizer.encode(text)) == len('line 3') + 40
+
+
+def test_load_names_a_missing_workdir_or_step(trained, tmp_path):
+  config, workdir = trained
+  with pytest.raises(FileNotFoundError, match=f'{tmp_path} holds no checkpoints'):
+    sample.load(config, str(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists()  # Nothing created where nothing was.
+  with pytest.raises(FileNotFoundError, match=r'no checkpoint of step 15; it has steps \[10, 20\]'):
+    sample.load(config, workdir, step=15)
+
+
+def test_sample_script_prints_samples_and_one_line_errors(trained, tmp_path):
+  config, workdir = trained
+  config_file = tmp_path / 'run_config.py'  # The run's config as a file, as lepton-train takes.
+  config_file.write_text('import ml_collections\n\n\ndef get_config():\n'
+                         f'  return ml_collections.ConfigDict({config.to_dict()!r})\n')
+  command = [sys.executable, 'scripts/sample.py', f'--config={config_file}',
+             '--config.sample.prompt=line', '--config.sample.num_tokens=20', '--samples=2']
+  result = subprocess.run([*command, f'--workdir={workdir}'], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.count('--- sample ') == 2 and '\nline' in result.stdout
+
+  empty = tmp_path / 'empty'
+  missing = subprocess.run([*command, f'--workdir={empty}'], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+  assert missing.returncode != 0
+  assert missing.stderr.strip().splitlines()[-1] == (
+      f'sample: error: {empty} holds no checkpoints; train there first '
+      f'(lepton-train --workdir={empty}).')
