@@ -102,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
       # reads them, for corpora too large to tokenize in memory (C4 and up).
       streaming=False,
       read_threads=4,  # streaming: threads reading and tokenizing documents ahead of training.
+      # streaming: rows are shuffled within windows of this many, so that a batch does not hold
+      # consecutive rows of a few long documents. 0 keeps the packed order.
+      shuffle_window=1024,
   ))
 
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -190,6 +193,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.dropout and m.attention != 'xla':
     raise ValueError(f'config.model.dropout={m.dropout} needs config.model.attention="xla" '
                      f'(fused attention kernels have no attention dropout)')
+  if config.data.shuffle_window < 0:
+    raise ValueError(f'config.data.shuffle_window={config.data.shuffle_window}: must be >= 0 '
+                     '(0 keeps the packed order)')
   if m.vocab_size < 0 or not 0.0 <= m.dropout < 1.0:
     raise ValueError('config.model.vocab_size must be >= 0 and config.model.dropout in [0, 1)')
 

@@ -380,14 +380,17 @@ def test_eval_tokenizes_only_the_documents_it_needs(monkeypatch):
 
 
 def write_documents(tmp_path, count=24):
-  """A directory of `count` distinct short documents (one per file), all for training."""
+  """A directory of `count` distinct short documents (one per file), all for training.
+
+  Rows keep their packed order (shuffle_window=0) unless a test sets a window.
+  """
   corpus = tmp_path / 'docs'
   corpus.mkdir()
   texts = [f'doc {i}: ' + 'xyz'[i % 3] * (3 + i % 11) for i in range(count)]
   for i, text in enumerate(texts):
     (corpus / f'{i:03d}.txt').write_text(text, encoding='utf-8')
   config = make_config(source='text', path=str(corpus), tokenizer='bytes', val_fraction=0.0,
-                       streaming=True, read_threads=2)
+                       streaming=True, read_threads=2, shuffle_window=0)
   return config, texts
 
 
@@ -424,8 +427,21 @@ def test_streaming_processes_read_disjoint_documents(tmp_path):
   assert sorted(per_process[0] + per_process[1]) == sorted(texts)
 
 
+def test_streaming_window_shuffles_rows(tmp_path):
+  config, _ = write_documents(tmp_path)
+  tokenizer = tokenizers.ByteTokenizer()
+  rows = lambda batches: [tuple(row) for b in batches for row in b['inputs']]
+  packed = rows(take(data.make_train_iterator(config, tokenizer, 0, 1), 8))
+  config.data.shuffle_window = 8  # Two batches of 4 rows.
+  shuffled = rows(take(data.make_train_iterator(config, tokenizer, 0, 1), 8))
+  assert shuffled != packed
+  for start in range(0, len(packed), 8):
+    assert sorted(shuffled[start:start + 8]) == sorted(packed[start:start + 8])
+
+
 def test_streaming_resume_from_state_is_exact(tmp_path):
   config, _ = write_documents(tmp_path)
+  config.data.shuffle_window = 16  # Restores re-read a window from the packer's saved state.
   tokenizer = tokenizers.ByteTokenizer()
   iterator = data.make_train_iterator(config, tokenizer, 1, 2)
   take(iterator, 7)

@@ -183,6 +183,8 @@ def test_refuses_a_workdir_holding_another_model(tmp_path):
     ({'mesh.data': 2}, r'config.mesh: axis sizes .* multiply to 2, but there are 8 devices'),
     ({'mesh.rules': (('batch', 'pipeline'),)}, r"unknown mesh axis 'pipeline'"),
     ({'optimizer.name': 'adam'}, r"config.optimizer.name='adam'"),
+    ({'data.streaming': True, 'data.read_threads': 0}, r'config.data.read_threads=0: must be pos'),
+    ({'data.streaming': True, 'data.shuffle_window': -1}, r'config.data.shuffle_window=-1: must'),
 ])
 def test_bad_input_fails_with_a_clear_error(tmp_path, overrides, message):
   with pytest.raises((ValueError, FileNotFoundError), match=message):

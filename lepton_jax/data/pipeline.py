@@ -10,8 +10,10 @@ computes the same global batch of row ids and gathers only its own slice of them
 
 With `data.streaming` nothing is tokenized up front (for corpora that do not fit in memory):
 documents are shuffled, each process reads every process_count-th of them, and threads tokenize
-them ahead of training; grain packs the token stream into rows of T + 1 tokens. The iterator's
-state is then the document position plus the partly packed row, still a small JSON dict.
+them ahead of training; grain packs the token stream into rows of T + 1 tokens and shuffles the
+rows within windows of `data.shuffle_window` (consecutive rows of one long document would
+otherwise share a batch). The iterator's state is then the document position, the partly packed
+row and the place in the window, still a small JSON dict.
 """
 from collections.abc import Sequence
 import time
@@ -94,8 +96,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: tokenizers
   """
   local_batch_size = _local_batch_size(config.batch_size, process_index, process_count)
   if config.data.streaming:
-    return iter(_streamed_batches(config, tokenizer, process_index, process_count,
-                                  local_batch_size))
+    return _JsonStateIterator(iter(_streamed_batches(config, tokenizer, process_index,
+                                                     process_count, local_batch_size)))
   seq_len = config.seq_len
   tokens = _tokenize_split(config.data, 'train', tokenizer)
   num_rows = (len(tokens) - 1) // seq_len
@@ -142,9 +144,44 @@ def _streamed_batches(config: ml_collections.ConfigDict, tokenizer: tokenizers.T
   rows = grain.experimental.ConcatThenSplitIterDataset(
       process_documents.to_iter_dataset(read_options),
       length_struct={'tokens': config.seq_len + 1})
+  if config.data.shuffle_window:
+    rows = grain.experimental.WindowShuffleIterDataset(
+        rows, window_size=config.data.shuffle_window, seed=config.seed)
   batches = rows.batch(local_batch_size, drop_remainder=True).map(
       lambda rows: _rows_to_batch(rows['tokens']))
   return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=4)
+
+
+class _JsonStateIterator:
+  """A grain iterator whose state restores exactly after a JSON round trip (as in checkpoints).
+
+  grain's ConcatThenSplit packer (0.2.18) tells "no partly packed row" by comparing its saved
+  `remainder_slices` with the tuple (-1, -1); JSON gives back lists, which would restore a wrong
+  row. The slices are made tuples again before the state reaches grain.
+  """
+
+  def __init__(self, iterator: grain.DatasetIterator):
+    self._iterator = iterator
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    return next(self._iterator)
+
+  def get_state(self) -> dict:
+    return self._iterator.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._iterator.set_state(_with_tuple_slices(state))
+
+
+def _with_tuple_slices(state):
+  if not isinstance(state, dict):
+    return state
+  return {key: ({feature: tuple(bounds) for feature, bounds in value.items()}
+                if key == 'remainder_slices' else _with_tuple_slices(value))
+          for key, value in state.items()}
 
 
 def make_eval_batches(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
