@@ -53,6 +53,8 @@ def _kernel_env(tmp_path):
 def test_notebook_is_stored_without_outputs():
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nbformat.validate(nb)
+  raw_cells = json.loads(NOTEBOOK.read_text())['cells']  # nbformat would fill missing ids in.
+  assert all(cell.get('id') for cell in raw_cells)
   for cell in nb.cells:
     if cell.cell_type == 'code':
       assert not cell.outputs and cell.execution_count is None, cell.source
