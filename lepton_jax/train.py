@@ -178,8 +178,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 def quiet_library_info_logs() -> None:
   """Keeps the progress bar readable: INFO lines only from lepton_jax, warnings from anyone."""
   own_code = os.path.dirname(os.path.abspath(__file__))
-  # absl.logging emits every library's records through the Python logger named 'absl'.
-  std_logging.getLogger('absl').addFilter(
+  # Every record that gets printed passes absl's handler: absl.logging's own and those of Python
+  # loggers such as jax's (through the root logger), so the filter goes on the handler.
+  logging.get_absl_handler().addFilter(
       lambda record: record.levelno >= std_logging.WARNING or record.pathname.startswith(own_code))
 
 

@@ -1,5 +1,6 @@
 """End-to-end training: learning, metrics, exact resume, preemption, and bad input."""
 import json
+import logging as std_logging
 import os
 import pathlib
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 
+from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,3 +201,16 @@ def test_cli_names_a_mistyped_config_key(tmp_path):
   assert result.returncode != 0
   last_line = result.stderr.strip().splitlines()[-1]
   assert "unknown config key 'num_layer'" in last_line and 'num_layers' in last_line
+
+
+def test_library_info_logs_are_dropped_but_ours_and_warnings_kept():
+  handler = absl_logging.get_absl_handler()
+  filters = list(handler.filters)
+  record = lambda level, path: std_logging.LogRecord('jax', level, path, 1, 'message', None, None)
+  try:
+    train.quiet_library_info_logs()
+    assert not handler.filter(record(std_logging.INFO, '/site-packages/jax/_src/xla_bridge.py'))
+    assert handler.filter(record(std_logging.WARNING, '/site-packages/jax/_src/xla_bridge.py'))
+    assert handler.filter(record(std_logging.INFO, train.__file__))
+  finally:
+    handler.filters[:] = filters
