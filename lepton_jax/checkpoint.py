@@ -1,12 +1,14 @@
 """Orbax checkpoints of the train state, the data position and what model they hold.
 
 Each step directory holds three items: `state` (params, optimizer state, step, rng; sharded
-arrays written by all processes), `data` (the data iterator's position, JSON) and `meta` (the
-model config and tokenizer vocab, JSON). `meta` lets a restart refuse a workdir that holds a
-different model before anything is written to it.
+arrays written by all processes), `data` (each process's data iterator position, one JSON file per
+process: streaming pipelines differ per process) and `meta` (the model config and tokenizer vocab,
+JSON). `meta` lets a restart refuse a workdir that holds a different model before anything is
+written to it.
 """
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -38,16 +40,19 @@ class Checkpointer:
       raise ValueError(f'{self._manager.directory} holds a checkpoint (step {step}) of a different '
                        f'model ({first}); use a new --workdir or restore that config')
 
-  def save(self, step: int, state: Any, data_state: dict, meta: dict, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator, meta: dict,
+           force: bool = False) -> bool:
     return self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
         meta=ocp.args.JsonSave(meta)), force=force)
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """`abstract_state`: ShapeDtypeStructs with the shardings to restore onto."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return restored['state'], restored['data']
+  def restore(self, step: int, abstract_state: Any,
+              data_iterator: grain.DatasetIterator | None = None) -> Any:
+    """The state, restored onto `abstract_state`'s shardings; moves `data_iterator` if given."""
+    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return self._manager.restore(step, args=ocp.args.Composite(**items))['state']
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

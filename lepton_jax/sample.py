@@ -30,7 +30,7 @@ def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = Non
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
     abstract_state, state_sharding = train_state.abstract_state(run.model, run.tx, mesh, rules,
                                                                 config.seq_len)
-    state, _ = run.checkpointer.restore(
+    state = run.checkpointer.restore(
         step, checkpoint.abstract_like(abstract_state, state_sharding))
   run.checkpointer.close()
   return run.model, state.params, run.tokenizer

@@ -101,9 +101,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state = train_state.init_state(model, tx, config.seed, config.seq_len, state_sharding)
     else:
       logging.info('Resuming from the checkpoint at step %d in %s', latest, workdir)
-      state, data_state = checkpointer.restore(
-          latest, checkpoint.abstract_like(abstract_state, state_sharding))
-      train_iter.set_state(data_state)
+      state = checkpointer.restore(
+          latest, checkpoint.abstract_like(abstract_state, state_sharding), train_iter)
 
     train_fn = train_state.jit_train_step(model, tx, run.schedule, config, state_sharding,
                                           batch_sharding)
@@ -144,7 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       preempted = preemption.reached(step)
       if step % config.checkpoint_every_steps == 0 or step == config.total_steps or preempted:
-        checkpointer.save(step, state, train_iter.get_state(), run.meta, force=preempted)
+        checkpointer.save(step, state, train_iter, run.meta, force=preempted)
       if preempted:
         logging.warning('Preempted at step %d: checkpoint written, exiting.', step)
         break

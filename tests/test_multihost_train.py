@@ -1,4 +1,5 @@
-"""Training as 2 processes x 4 CPU devices on localhost gives the losses of 1 process x 8 devices.
+"""Training as 2 processes x 4 CPU devices on localhost: the losses of 1 process x 8 devices, and
+an exact resume when each process streams its own documents.
 
 Each process builds its half of every global batch (make_train_iterator's process share, checked
 row by row in test_data.py) and JAX assembles them with make_array_from_process_local_data; only
@@ -35,6 +36,19 @@ def start_trainer(workdir, corpus, devices: int, *cluster_flags: str) -> subproc
                           stderr=subprocess.STDOUT, text=True)
 
 
+def run_two_processes(workdir, corpus, *flags: str) -> None:
+  port = portpicker.pick_unused_port()
+  trainers = [start_trainer(workdir, corpus, 4, f'--coordinator_address=localhost:{port}',
+                            '--num_processes=2', f'--process_id={i}', *flags) for i in range(2)]
+  try:
+    outputs = [trainer.communicate(timeout=240)[0] for trainer in trainers]
+  finally:
+    for trainer in trainers:
+      trainer.kill()
+  for i, trainer in enumerate(trainers):
+    assert trainer.returncode == 0, f'process {i}:\n{outputs[i][-3000:]}'
+
+
 def losses(workdir) -> list[float]:
   records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert [r['step'] for r in records] == [1, 2, 3, 4]
@@ -61,3 +75,24 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
     assert trainer.returncode == 0, f'{name}:\n{outputs[name][-3000:]}'
   assert 'process 1 of 2, 4 local devices, 8 global devices' in outputs['process 1']
   np.testing.assert_allclose(losses(tmp_path / 'multi'), losses(tmp_path / 'single'), rtol=1e-5)
+
+
+def test_two_processes_resume_their_own_streams_exactly(tmp_path):
+  """Streaming gives each process different documents, so each must resume its own position."""
+  corpus = tmp_path / 'docs'
+  corpus.mkdir()
+  for i in range(12):  # Documents of different lengths, so the processes' packers drift apart.
+    (corpus / f'{i:02d}.txt').write_text(TEXT[:400 + 300 * i], encoding='utf-8')
+  # A constant learning rate after warmup, so a 4-step run is the start of an 8-step one.
+  flags = ['--config.data.streaming=True', '--config.data.shuffle_window=8',
+           '--config.optimizer.schedule=wsd', '--config.optimizer.cooldown_steps=0',
+           '--config.optimizer.warmup_steps=2']
+  run_two_processes(tmp_path / 'straight', corpus, *flags, '--config.total_steps=8')
+  run_two_processes(tmp_path / 'resumed', corpus, *flags)  # Stops at step 4, checkpointed.
+  run_two_processes(tmp_path / 'resumed', corpus, *flags, '--config.total_steps=8')
+
+  def train_losses(workdir):
+    return {r['step']: r['train/loss'] for r in map(json.loads, open(workdir / 'metrics.jsonl'))}
+  straight, resumed = train_losses(tmp_path / 'straight'), train_losses(tmp_path / 'resumed')
+  assert sorted(resumed) == list(range(1, 9))
+  assert [resumed[s] for s in range(5, 9)] == [straight[s] for s in range(5, 9)]

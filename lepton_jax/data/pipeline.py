@@ -152,7 +152,7 @@ def _streamed_batches(config: ml_collections.ConfigDict, tokenizer: tokenizers.T
   return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=4)
 
 
-class _JsonStateIterator:
+class _JsonStateIterator(grain.DatasetIterator):
   """A grain iterator whose state restores exactly after a JSON round trip (as in checkpoints).
 
   grain's ConcatThenSplit packer (0.2.18) tells "no partly packed row" by comparing its saved
@@ -160,20 +160,14 @@ class _JsonStateIterator:
   row. The slices are made tuples again before the state reaches grain.
   """
 
-  def __init__(self, iterator: grain.DatasetIterator):
-    self._iterator = iterator
-
-  def __iter__(self):
-    return self
-
   def __next__(self) -> Batch:
-    return next(self._iterator)
+    return next(self._parent)
 
   def get_state(self) -> dict:
-    return self._iterator.get_state()
+    return self._parent.get_state()
 
   def set_state(self, state: dict) -> None:
-    self._iterator.set_state(_with_tuple_slices(state))
+    self._parent.set_state(_with_tuple_slices(state))
 
 
 def _with_tuple_slices(state):
