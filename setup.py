@@ -14,13 +14,14 @@ setuptools.setup(
         'flax>=0.12',
         'optax>=0.2.5',
         'orbax-checkpoint>=0.11',
+        'etils[epath]',  # Paths that work on local disk and gs:// alike.
         'ml-collections>=1.0',
         'absl-py',
         'numpy',
         'sentencepiece>=0.2',
         'tensorflow-datasets>=4.9.8',
         'array-record',
-        'grain>=0.2.12',
+        'grain>=0.2.18',  # ConcatThenSplit, WindowShuffle and per-process checkpoints as tested.
         'tensorboardX',
         'tqdm',
     ],

@@ -6,8 +6,10 @@ process: streaming pipelines differ per process) and `meta` (the model config an
 JSON). `meta` lets a restart refuse a workdir that holds a different model before anything is
 written to it.
 """
+import json
 from typing import Any
 
+from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -47,12 +49,29 @@ class Checkpointer:
         meta=ocp.args.JsonSave(meta)), force=force)
 
   def restore(self, step: int, abstract_state: Any,
-              data_iterator: grain.DatasetIterator | None = None) -> Any:
-    """The state, restored onto `abstract_state`'s shardings; moves `data_iterator` if given."""
-    items = {'state': ocp.args.StandardRestore(abstract_state)}
+              data_iterator: grain.DatasetIterator | None = None,
+              data_state_is_global: bool = False) -> Any:
+    """The state, restored onto `abstract_state`'s shardings; moves `data_iterator` if given.
+
+    With `data_state_is_global` (every process saved the same position), the run may resume
+    with another number of processes than it saved with.
+    """
+    state = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))['state']
     if data_iterator is not None:
-      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self._manager.restore(step, args=ocp.args.Composite(**items))['state']
+      data_iterator.set_state(self._data_state(step, data_state_is_global))
+    return state
+
+  def _data_state(self, step: int, data_state_is_global: bool) -> dict:
+    """This process's saved data position, from the file grain's handler wrote for it."""
+    directory = epath.Path(self._manager.directory) / str(step) / 'data'
+    count = jax.process_count()
+    own = directory / f'process_{jax.process_index()}-of-{count}.json'
+    saved = sorted(directory.glob('process_*.json'))
+    if not own.exists() and not (data_state_is_global and saved):
+      raise ValueError(f'{directory} holds the data positions of {len(saved)} processes, not '
+                       f'{count}: resume a streaming run with the process count it saved with')
+    return json.loads((own if own.exists() else saved[0]).read_text())
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -102,7 +102,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
       logging.info('Resuming from the checkpoint at step %d in %s', latest, workdir)
       state = checkpointer.restore(
-          latest, checkpoint.abstract_like(abstract_state, state_sharding), train_iter)
+          latest, checkpoint.abstract_like(abstract_state, state_sharding), train_iter,
+          data_state_is_global=not config.data.streaming)
 
     train_fn = train_state.jit_train_step(model, tx, run.schedule, config, state_sharding,
                                           batch_sharding)

@@ -141,6 +141,19 @@ def test_checkpoint_round_trip_keeps_values_and_shardings(tmp_path):
   np.testing.assert_array_equal(restored['w'], tree['w'])
   assert restored['w'].sharding == spec and int(restored['step']) == 7
   assert next(fresh_iterator) == 3
+
+  # Saved by 2 processes: a position every process shares restores in any process count; a
+  # per-process (streaming) one only in the count it was saved with.
+  data_dir = tmp_path / 'ckpt' / '7' / 'data'
+  for i in range(2):
+    (data_dir / f'process_{i}-of-2.json').write_text((data_dir / 'process_0-of-1.json').read_text())
+  (data_dir / 'process_0-of-1.json').unlink()
+  fresh_iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+  ckpt.restore(7, checkpoint.abstract_like(tree, shardings), fresh_iterator,
+               data_state_is_global=True)
+  assert next(fresh_iterator) == 3
+  with pytest.raises(ValueError, match='data positions of 2 processes, not 1: resume a streaming'):
+    ckpt.restore(7, checkpoint.abstract_like(tree, shardings), fresh_iterator)
   ckpt.close()
 
 
