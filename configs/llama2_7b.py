@@ -19,44 +19,9 @@ SLICES = {
 
 def get_config(arg='v5p-128'):
   mesh, batch_size = SLICES[arg or 'v5p-128']
-  config = config_lib.base_config()
+  config = config_lib.llama_c4_pretraining(mesh, batch_size, seq_len=4096)
   config.total_steps = 100_000
-  config.batch_size = batch_size
-  config.seq_len = 4096
-  config.z_loss = 1e-4
-  config.log_every_steps = 50
   config.eval_every_steps = 2000
-  config.eval_batches = 16
-  config.checkpoint_every_steps = 1000
-
-  config.data.source = 'tfds'
-  config.data.tfds_name = 'c4/en'
-  config.data.train_split = 'train'
-  config.data.eval_split = 'validation'
-  config.data.vocab_size = 32_000
-  config.data.streaming = True  # C4 is far too big to tokenize up front.
-
-  m = config.model
-  m.vocab_size = 32_000
-  m.d_model = 4096
-  m.num_layers = 32
-  m.num_heads = 32
-  m.num_kv_heads = 32
-  m.head_dim = 128
-  m.d_ff = 11008
-  m.norm_eps = 1e-5
-  m.rope_theta = 10_000.0
-  m.max_seq_len = 4096
-  m.scan_layers = True
-  m.remat = 'full'
-  m.attention = 'dot_product'
-  m.dtype = 'bfloat16'
-
-  o = config.optimizer
-  o.learning_rate = 3e-4
-  o.warmup_steps = 2000
-  o.weight_decay = 0.1
-  o.min_lr_ratio = 0.1
-
-  config.mesh.update(mesh)
+  config.model.update(d_model=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
+                      d_ff=11008, norm_eps=1e-5, rope_theta=10_000.0, remat='full')
   return config

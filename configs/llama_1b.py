@@ -19,43 +19,10 @@ SLICES = {
 
 def get_config(arg='v5e-16'):
   mesh, batch_size, grad_accum_steps = SLICES[arg or 'v5e-16']
-  config = config_lib.base_config()
+  config = config_lib.llama_c4_pretraining(mesh, batch_size, seq_len=2048)
   config.total_steps = 50_000
-  config.batch_size = batch_size
   config.grad_accum_steps = grad_accum_steps
-  config.seq_len = 2048
-  config.z_loss = 1e-4
-  config.log_every_steps = 50
   config.eval_every_steps = 1000
-  config.eval_batches = 16
-  config.checkpoint_every_steps = 1000
-
-  config.data.source = 'tfds'
-  config.data.tfds_name = 'c4/en'
-  config.data.train_split = 'train'
-  config.data.eval_split = 'validation'
-  config.data.vocab_size = 32_000
-  config.data.streaming = True  # C4 is far too big to tokenize up front.
-
-  m = config.model
-  m.vocab_size = 32_000
-  m.d_model = 2048
-  m.num_layers = 22
-  m.num_heads = 32
-  m.num_kv_heads = 8
-  m.head_dim = 64
-  m.d_ff = 5632
-  m.rope_theta = 500_000.0
-  m.max_seq_len = 2048
-  m.scan_layers = True
-  m.remat = 'dots_no_batch'
-  m.attention = 'dot_product'
-  m.dtype = 'bfloat16'
-
-  o = config.optimizer
-  o.learning_rate = 3e-4
-  o.warmup_steps = 2000
-  o.weight_decay = 0.1
-
-  config.mesh.update(mesh)
+  config.model.update(d_model=2048, num_layers=22, num_heads=32, num_kv_heads=8, head_dim=64,
+                      d_ff=5632, rope_theta=500_000.0, remat='dots_no_batch')
   return config

@@ -145,6 +145,36 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def llama_c4_pretraining(slice_mesh: dict, batch_size: int,
+                         seq_len: int) -> ml_collections.ConfigDict:
+  """What the Llama pretraining configs share; each then sets its model's shape and cadence.
+
+  C4 streamed from a prepared TFDS dataset with a 32k vocabulary, bf16 compute over scanned
+  layers with `jax.nn.dot_product_attention`, z-loss, AdamW at 3e-4, and the given slice's mesh
+  and global batch.
+  """
+  config = base_config()
+  config.batch_size = batch_size
+  config.seq_len = seq_len
+  config.z_loss = 1e-4
+  config.log_every_steps = 50
+  config.eval_batches = 16
+  config.checkpoint_every_steps = 1000
+
+  config.data.source = 'tfds'
+  config.data.tfds_name = 'c4/en'
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  config.data.vocab_size = 32_000
+  config.data.streaming = True  # C4 is far too big to tokenize up front.
+
+  config.model.update(vocab_size=32_000, max_seq_len=seq_len, scan_layers=True,
+                      attention='dot_product', dtype='bfloat16')
+  config.optimizer.update(learning_rate=3e-4, warmup_steps=2000, weight_decay=0.1)
+  config.mesh.update(slice_mesh)
+  return config
+
+
 CHOICES = {
     'model.mlp': ('swiglu', 'geglu', 'gelu', 'relu'),
     'model.norm': ('rmsnorm', 'layernorm'),
