@@ -1,6 +1,5 @@
 """Draw text from a trained model (a fixed-window loop; the KV-cache decoder is in a later room)."""
-import os
-
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = Non
   mesh it describes.
   """
   config_lib.validate(config)
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+  if not (epath.Path(workdir) / 'checkpoints').is_dir():  # Local or gs://, as orbax writes.
     raise FileNotFoundError(f'{workdir} holds no checkpoints; train there first '
                             f'(lepton-train --workdir={workdir}).')
   run = experiment.build(config, workdir)

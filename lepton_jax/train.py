@@ -6,6 +6,7 @@
 Restarting with the same workdir resumes from the latest complete checkpoint; SIGTERM
 (preemption) writes a checkpoint and exits cleanly.
 """
+import contextlib
 import functools
 import logging as std_logging
 import os
@@ -184,18 +185,29 @@ def quiet_library_info_logs() -> None:
       lambda record: record.levelno >= std_logging.WARNING or record.pathname.startswith(own_code))
 
 
-def main(argv):
+@contextlib.contextmanager
+def command_line(program: str, argv: list[str]):
+  """Set-up and errors of a --config/--workdir command.
+
+  Bad config or data exits with one line naming what is wrong (`program: error: ...`) and no
+  traceback.
+  """
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if flags.FLAGS.workdir is None:
     raise app.UsageError('--workdir is required')
   quiet_library_info_logs()
-  distributed.initialize()
   try:
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (ValueError, FileNotFoundError) as e:  # Bad config or data: one line, no traceback.
+    yield
+  except (ValueError, FileNotFoundError) as e:
     logging.debug('Traceback of the error below:', exc_info=True)
-    sys.exit(f'lepton-train: error: {e}')
+    sys.exit(f'{program}: error: {e}')
+
+
+def main(argv):
+  with command_line('lepton-train', argv):
+    distributed.initialize()
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 def run():

@@ -27,14 +27,13 @@ def abstract_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rul
   params = sharding.unbox_abstract(boxed_params)
   opt_state = jax.eval_shape(tx.init, params)
   is_sharding = lambda x: isinstance(x, jax.sharding.NamedSharding)
+  replicated = sharding.replicated(mesh)
   # Moments mirror their param's sharding; factored (lower-rank) moments and counters replicate.
   opt_sharding = optax.tree_map_params(
-      tx, lambda leaf, s: s if leaf.ndim == len(s.spec) else sharding.replicated(mesh),
-      opt_state, param_sharding, transform_non_params=lambda _: sharding.replicated(mesh),
-      is_leaf=is_sharding)
+      tx, lambda leaf, s: s if leaf.ndim == len(s.spec) else replicated,
+      opt_state, param_sharding, transform_non_params=lambda _: replicated, is_leaf=is_sharding)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                         opt_state=opt_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-  replicated = sharding.replicated(mesh)
   shardings = TrainState(step=replicated, params=param_sharding, opt_state=opt_sharding,
                          rng=replicated)
   return abstract, shardings

@@ -6,9 +6,7 @@
 `config.sample` sets the prompt, length, temperature and top-k; `--samples` draws several, each
 with its own seed.
 """
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 
 from lepton_jax import sample, train
 
@@ -17,17 +15,9 @@ flags.DEFINE_integer('samples', 1, 'How many samples to draw.')
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if flags.FLAGS.workdir is None:
-    raise app.UsageError('--workdir is required')
-  train.quiet_library_info_logs()
   config = flags.FLAGS.config
-  try:
+  with train.command_line('sample', argv):
     model, params, tokenizer = sample.load(config, flags.FLAGS.workdir, flags.FLAGS.step)
-  except (ValueError, FileNotFoundError) as e:
-    logging.debug('Traceback of the error below:', exc_info=True)
-    sys.exit(f'sample: error: {e}')
   for index in range(flags.FLAGS.samples):
     text = sample.sample_text(model, params, tokenizer, config.sample.prompt,
                               config.sample.num_tokens, config.sample.temperature,

@@ -148,7 +148,7 @@ def _streamed_batches(config: ml_collections.ConfigDict, tokenizer: tokenizers.T
     rows = grain.experimental.WindowShuffleIterDataset(
         rows, window_size=config.data.shuffle_window, seed=config.seed)
   batches = rows.batch(local_batch_size, drop_remainder=True).map(
-      lambda rows: _rows_to_batch(rows['tokens']))
+      lambda packed: _rows_to_batch(packed['tokens']))
   return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=4)
 
 
