@@ -29,7 +29,9 @@ setuptools.setup(
         'test': ['pytest', 'pytest-xdist', 'nbclient', 'nbformat', 'ipykernel', 'matplotlib'],
         'notebook': ['matplotlib'],
         'gpu': ['jax[cuda12]'],
-        'tpu': ['jax[tpu]'],
+        # gcsfs is how etils.epath (orbax, tokenizer cache, metrics.jsonl) and tensorboardX (through
+        # the google-cloud-storage it brings) reach a gs:// workdir, which a TPU slice needs.
+        'tpu': ['jax[tpu]', 'gcsfs'],
     },
     entry_points={'console_scripts': ['lepton-train=lepton_jax.train:run']},
 )

@@ -1,28 +1,80 @@
-"""Where numbers go: WORKDIR/metrics.jsonl, TensorBoard event files, and a progress bar."""
+"""Where numbers go: WORKDIR/metrics.jsonl, TensorBoard event files, and a progress bar.
+
+The workdir may be local or on gs:// (etils.epath; TensorBoard through tensorboardX).
+"""
 import json
 import os
 from typing import Mapping
 
+from etils import epath
 import tensorboardX
 import tqdm
+
+
+class JsonLines:
+  """A file of one JSON record per line, each with a 'step'; records are added in step order.
+
+  A resumed run logs again the steps after its checkpoint, so opening it at `first_step` drops
+  the records after that step (and a line cut short by a crash). Local files are appended to.
+  Object stores (gs://) cannot append (gcsfs silently turns 'a' into 'w'), so there the whole
+  file is written again for every record; it holds one short line per logged step.
+  """
+
+  def __init__(self, path: epath.PathLike, first_step: int):
+    self._path = epath.Path(path)
+    self._remote = '://' in os.fspath(path)
+    self._lines = [line for line in self._read_lines() if _step(line) <= first_step]
+    self._write_all()
+
+  def append(self, record: Mapping[str, float]) -> None:
+    line = json.dumps(record)
+    if self._remote:
+      self._lines.append(line)
+      self._write_all()
+    else:
+      with self._path.open('a', encoding='utf-8') as f:
+        f.write(line + '\n')
+
+  def _read_lines(self) -> list[str]:
+    if not self._path.exists():
+      return []
+    return [line for line in self._path.read_text(encoding='utf-8').splitlines()
+            if _step(line) is not None]
+
+  def _write_all(self) -> None:
+    text = ''.join(line + '\n' for line in self._lines)
+    if self._remote:  # An object is replaced whole or not at all.
+      self._path.write_text(text, encoding='utf-8')
+    else:  # Write then rename: a crash mid-write keeps the old file.
+      partial = self._path.with_name(f'{self._path.name}.{os.getpid()}.tmp')
+      partial.write_text(text, encoding='utf-8')
+      partial.replace(self._path)
+      self._lines = []  # Appended to from now on.
+
+
+def _step(line: str) -> int | None:
+  """The step of a record line; None for a line that is not a complete record."""
+  try:
+    return int(json.loads(line)['step'])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 class MetricWriter:
   """Writes scalars from the coordinating process; every other process writes nothing."""
 
-  def __init__(self, workdir: str, active: bool):
+  def __init__(self, workdir: str, first_step: int, active: bool):
     self._active = active
     if active:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      self._jsonl = JsonLines(epath.Path(workdir) / 'metrics.jsonl', first_step)
       self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._active:
       return
     record = {'step': step, **{k: float(v) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
+    self._jsonl.append(record)
     for key, value in record.items():
       if key != 'step':
         self._tensorboard.add_scalar(key, value, step)
@@ -33,7 +85,6 @@ class MetricWriter:
 
   def close(self) -> None:
     if self._active:
-      self._jsonl.close()
       self._tensorboard.close()
 
 

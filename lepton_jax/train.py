@@ -88,7 +88,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                         jax.process_count())
   eval_batches = data.make_eval_batches(config, tokenizer, jax.process_index(),
                                         jax.process_count())
-  writer = metrics.MetricWriter(workdir, active=is_coordinator)
   flops_per_token = flops.train_flops_per_token(model_config, config.seq_len)
   peak_flops = flops.peak_flops_per_device(model_config.dtype)
 
@@ -113,6 +112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       out_shardings=replicated)
 
     step = int(state.step)
+    writer = metrics.MetricWriter(workdir, first_step=step, active=is_coordinator)
     preemption = PreemptionWatch()
     bar = metrics.progress_bar(step, config.total_steps, is_coordinator)
     last_metrics, window_start, window_steps = {}, None, 0

@@ -119,6 +119,18 @@ def test_sentencepiece_training_is_deterministic(spm_workdir, tmp_path):
     assert a.read() == b.read()
 
 
+def test_sentencepiece_trains_into_and_loads_from_gcs(spm_workdir, fake_gcs):
+  config, workdir = spm_workdir
+  trained = data.build_tokenizer(config.data, 'gs://bucket/run')
+  assert trained.model_path.startswith('gs://bucket/run/tokenizer/spm_v600_')
+  with open(data.build_tokenizer(config.data, workdir).model_path, 'rb') as local_model:
+    assert (fake_gcs / trained.model_path.removeprefix('gs://')).read_bytes() == local_model.read()
+  loaded = data.build_tokenizer(
+      make_config(**dict(config.data, tokenizer_path=trained.model_path)).data, 'gs://bucket/b')
+  assert loaded.encode(UNICODE_TEXT) == trained.encode(UNICODE_TEXT)
+  assert not (fake_gcs / 'bucket/b').exists()
+
+
 def test_sentencepiece_loads_tokenizer_path(spm_workdir, tmp_path):
   config, workdir = spm_workdir
   trained = data.build_tokenizer(config.data, workdir)

@@ -1,5 +1,6 @@
-"""Training as 2 processes x 4 CPU devices on localhost: the losses of 1 process x 8 devices, and
-an exact resume when each process streams its own documents.
+"""Training as 2 processes x 4 CPU devices on localhost: the losses of 1 process x 8 devices, one
+SentencePiece model trained for both, and an exact resume when each process streams its own
+documents.
 
 Each process builds its half of every global batch (make_train_iterator's process share, checked
 row by row in test_data.py) and JAX assembles them with make_array_from_process_local_data; only
@@ -59,11 +60,12 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
   corpus = tmp_path / 'corpus.txt'
   corpus.write_text(TEXT)
   port = portpicker.pick_unused_port()
+  spm = ['--config.data.tokenizer=sentencepiece', '--config.data.vocab_size=300']
   trainers = {
-      'one process': start_trainer(tmp_path / 'single', corpus, 8),
-      'process 0': start_trainer(tmp_path / 'multi', corpus, 4, f'--coordinator_address='
+      'one process': start_trainer(tmp_path / 'single', corpus, 8, *spm),
+      'process 0': start_trainer(tmp_path / 'multi', corpus, 4, *spm, f'--coordinator_address='
                                  f'localhost:{port}', '--num_processes=2', '--process_id=0'),
-      'process 1': start_trainer(tmp_path / 'multi', corpus, 4, f'--coordinator_address='
+      'process 1': start_trainer(tmp_path / 'multi', corpus, 4, *spm, f'--coordinator_address='
                                  f'localhost:{port}', '--num_processes=2', '--process_id=1'),
   }
   try:
@@ -74,6 +76,9 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
   for name, trainer in trainers.items():
     assert trainer.returncode == 0, f'{name}:\n{outputs[name][-3000:]}'
   assert 'process 1 of 2, 4 local devices, 8 global devices' in outputs['process 1']
+  # Process 0 trains the tokenizer into the shared workdir; process 1 waits and loads it.
+  assert 'Trained SentencePiece' in outputs['process 0']
+  assert 'Trained SentencePiece' not in outputs['process 1']
   np.testing.assert_allclose(losses(tmp_path / 'multi'), losses(tmp_path / 'single'), rtol=1e-5)
 
 

@@ -1,15 +1,20 @@
 """Tokenizers: raw UTF-8 bytes, or a SentencePiece model loaded from a file or trained on the
-train split (and cached in the workdir so a restarted run reuses the same vocabulary)."""
+train split (and cached in the workdir so a restarted run reuses the same vocabulary).
+
+Paths go through etils.epath, so models and workdirs may be local or on gs:// alike.
+"""
 from collections.abc import Sequence
 import hashlib
 import io
 import json
 import os
-import tempfile
 import time
 from typing import Protocol
 
 from absl import logging
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import sentencepiece as spm
@@ -72,11 +77,13 @@ class SentencePieceTokenizer:
   """A SentencePiece model file; its eos piece separates documents."""
 
   def __init__(self, model_path: str):
-    if not os.path.isfile(model_path):
+    if not epath.Path(model_path).is_file():
       raise FileNotFoundError(f'SentencePiece model {model_path} does not exist; fix '
                               "data.tokenizer_path or set it to '' to train one.")
     self.model_path = model_path
-    self._processor = spm.SentencePieceProcessor(model_file=model_path)
+    # From bytes: SentencePiece itself reads only local files.
+    self._processor = spm.SentencePieceProcessor(
+        model_proto=epath.Path(model_path).read_bytes())
     self.vocab_size = self._processor.get_piece_size()
     self.eos_id = self._processor.eos_id()
     if self.eos_id < 0:
@@ -103,12 +110,18 @@ def build_tokenizer(data_config: ml_collections.ConfigDict, workdir: str) -> Tok
 
 
 def trained_model_path(data_config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The cached model for these data settings, trained now if the cache lacks it."""
-  path = os.path.join(workdir, 'tokenizer',
-                      f'spm_v{data_config.vocab_size}_{_settings_hash(data_config)}.model')
-  if not os.path.exists(path):
+  """The cached model for these data settings, trained now if the cache lacks it.
+
+  In a multi-process job process 0 trains and writes it, and the others wait for it: every
+  process must tokenize with the same vocabulary, and the workdir is shared.
+  """
+  path = epath.Path(workdir) / 'tokenizer' / (
+      f'spm_v{data_config.vocab_size}_{_settings_hash(data_config)}.model')
+  if jax.process_index() == 0 and not path.exists():
     _train_sentencepiece(data_config, path)
-  return path
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'lepton_jax: trained {path.name}')
+  return os.fspath(path)
 
 
 def _settings_hash(data_config: ml_collections.ConfigDict) -> str:
@@ -121,7 +134,7 @@ def _settings_hash(data_config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _train_sentencepiece(data_config: ml_collections.ConfigDict, path: str) -> None:
+def _train_sentencepiece(data_config: ml_collections.ConfigDict, path: epath.Path) -> None:
   start = time.time()
   documents = sources.load_documents(data_config, 'train')
   model = io.BytesIO()
@@ -132,11 +145,11 @@ def _train_sentencepiece(data_config: ml_collections.ConfigDict, path: str) -> N
       num_threads=os.cpu_count(),
       minloglevel=2,
       **SPM_TRAINER_OPTIONS)
-  # Write then rename, so a crashed or concurrent run never leaves a partial model behind.
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix='.tmp', delete=False) as f:
-    f.write(model.getvalue())
-  os.replace(f.name, path)
+  # Write then rename, so a crashed run never leaves a partial model behind.
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = path.with_name(f'{path.name}.{os.getpid()}.tmp')
+  partial.write_bytes(model.getvalue())
+  partial.replace(path)
   logging.info('Trained SentencePiece (vocab %d) in %.1fs: %s',
                data_config.vocab_size, time.time() - start, path)
 
