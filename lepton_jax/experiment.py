@@ -26,12 +26,13 @@ class Experiment:
   meta: dict  # SHAPE_FIELDS of the model, saved with every checkpoint.
 
 
-def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
-  """Tokenizer (trained into the workdir if needed), model, optimizer and checkpoints.
+def build(config: ml_collections.ConfigDict, workdir: str,
+          train_tokenizer: bool = True) -> Experiment:
+  """Tokenizer (trained into the workdir if needed and allowed), model, optimizer and checkpoints.
 
   Raises if the workdir's latest checkpoint holds a different model, before anything is written.
   """
-  tokenizer = data.build_tokenizer(config.data, workdir)
+  tokenizer = data.build_tokenizer(config.data, workdir, train_if_missing=train_tokenizer)
   model_config = config_lib.resolve_vocab(config.model, tokenizer)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   meta = {k: model_config[k] for k in SHAPE_FIELDS}

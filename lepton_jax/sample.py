@@ -19,7 +19,8 @@ def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = Non
   if not (epath.Path(workdir) / 'checkpoints').is_dir():  # Local or gs://, as orbax writes.
     raise FileNotFoundError(f'{workdir} holds no checkpoints; train there first '
                             f'(lepton-train --workdir={workdir}).')
-  run = experiment.build(config, workdir)
+  # The run's own tokenizer: one trained now for other data settings would not match the model.
+  run = experiment.build(config, workdir, train_tokenizer=False)
   available = run.checkpointer.all_steps()
   step = available[-1] if step is None and available else step
   if step not in available:

@@ -54,6 +54,21 @@ def test_load_names_a_missing_workdir_or_step(trained, tmp_path):
     sample.load(config, workdir, step=15)
 
 
+def test_load_uses_the_runs_tokenizer_and_never_trains_another(tmp_path):
+  spm = {'data.tokenizer': 'sentencepiece', 'data.vocab_size': 300}
+  config = tiny_config(tmp_path, total_steps=2, **spm)
+  workdir = tmp_path / 'workdir'
+  train.train_and_evaluate(config, str(workdir))
+  (trained_model,) = (workdir / 'tokenizer').iterdir()
+  assert sample.load(config, str(workdir))[2].model_path == str(trained_model)
+
+  other_data = tiny_config(tmp_path, total_steps=2, **{**spm, 'data.val_fraction': 0.2})
+  with pytest.raises(FileNotFoundError, match=r'tokenizer has no SentencePiece model for these '
+                     r'data settings \(spm_v300_\w+\.model\); give the data settings the run'):
+    sample.load(other_data, str(workdir))
+  assert list((workdir / 'tokenizer').iterdir()) == [trained_model]
+
+
 def test_sample_script_prints_samples_and_one_line_errors(trained, tmp_path):
   config, workdir = trained
   config_file = tmp_path / 'run_config.py'  # The run's config as a file, as lepton-train takes.

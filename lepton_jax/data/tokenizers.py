@@ -99,17 +99,23 @@ class SentencePieceTokenizer:
     return self._processor.decode([int(i) for i in ids])
 
 
-def build_tokenizer(data_config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
-  """The configured tokenizer; trains (once per workdir) a SentencePiece model if none is given."""
+def build_tokenizer(data_config: ml_collections.ConfigDict, workdir: str,
+                    train_if_missing: bool = True) -> Tokenizer:
+  """The configured tokenizer; trains (once per workdir) a SentencePiece model if none is given.
+
+  With `train_if_missing=False` (using a finished run) a model the workdir lacks is an error.
+  """
   if data_config.tokenizer == 'bytes':
     return ByteTokenizer()
   if data_config.tokenizer == 'sentencepiece':
-    model_path = data_config.tokenizer_path or trained_model_path(data_config, workdir)
+    model_path = (data_config.tokenizer_path or
+                  trained_model_path(data_config, workdir, train_if_missing))
     return SentencePieceTokenizer(model_path)
   raise ValueError(f"data.tokenizer={data_config.tokenizer!r} is not one of 'sentencepiece', 'bytes'.")
 
 
-def trained_model_path(data_config: ml_collections.ConfigDict, workdir: str) -> str:
+def trained_model_path(data_config: ml_collections.ConfigDict, workdir: str,
+                       train_if_missing: bool = True) -> str:
   """The cached model for these data settings, trained now if the cache lacks it.
 
   In a multi-process job process 0 trains and writes it, and the others wait for it: every
@@ -117,6 +123,10 @@ def trained_model_path(data_config: ml_collections.ConfigDict, workdir: str) -> 
   """
   path = epath.Path(workdir) / 'tokenizer' / (
       f'spm_v{data_config.vocab_size}_{_settings_hash(data_config)}.model')
+  if not train_if_missing and not path.exists():
+    raise FileNotFoundError(
+        f'{path.parent} has no SentencePiece model for these data settings ({path.name}); '
+        'give the data settings the run was trained with, or data.tokenizer_path.')
   if jax.process_index() == 0 and not path.exists():
     _train_sentencepiece(data_config, path)
   if jax.process_count() > 1:
