@@ -186,6 +186,24 @@ def test_text_directory_and_glob_read_every_file_sorted(tmp_path):
   assert data.load_documents(config.data, 'train') == by_directory
 
 
+def test_text_on_gcs_reads_a_file_a_directory_and_a_glob(tmp_path, fake_gcs):
+  local = write_corpus(tmp_path)
+  bucket = fake_gcs / 'bucket'
+  bucket.mkdir(parents=True)
+  (tmp_path / 'corpus').rename(bucket / 'corpus')
+  expected = data.load_documents(make_config(source='text', path=str(bucket / 'corpus')).data,
+                                 'train')
+  for path in ('gs://bucket/corpus', 'gs://bucket/corpus/doc*.txt', 'gs://bucket/*/doc?.txt'):
+    assert data.load_documents(make_config(**dict(local.data, path=path)).data, 'train') == expected
+  (first,) = data.load_documents(make_config(**dict(local.data, path='gs://bucket/corpus/doc0.txt'))
+                                 .data, 'train')
+  assert first == expected[0]
+  for path, error in (('gs://bucket/corpus/missing.txt', 'matches no file'),
+                      ('gs://bucket/**/doc0.txt', r'\*\* globs are for local disks')):
+    with pytest.raises((FileNotFoundError, ValueError), match=error):
+      data.load_documents(make_config(**dict(local.data, path=path)).data, 'train')
+
+
 def test_text_errors_name_the_path(tmp_path):
   missing = str(tmp_path / 'missing*.txt')
   with pytest.raises(FileNotFoundError, match='missing'):

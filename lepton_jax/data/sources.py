@@ -1,7 +1,8 @@
 """Text sources, each split into train and eval documents (sequences of strings).
 
 stdlib: the .py files of the running interpreter's standard library, split by file.
-text:   a file, a directory or a glob; every file is split head (train) / tail (eval).
+text:   a file, a directory or a glob, local or gs://; every file is split head (train) / tail
+        (eval).
 tfds:   a prepared TFDS dataset read through `tfds.data_source` (random access, no TensorFlow).
 """
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ import os
 import pathlib
 import sysconfig
 
+from etils import epath
 import ml_collections
 
 SPLITS = ('train', 'eval')
@@ -93,21 +95,37 @@ def text_documents(path: str, val_fraction: float, split: str) -> list[str]:
 
 
 def _matching_files(path: str) -> list[str]:
-  if os.path.isfile(path):
+  """A file, every file under a directory, or a glob's matches; local or gs:// (etils.epath)."""
+  root = epath.Path(path)
+  if root.is_file():
     return [path]
-  if os.path.isdir(path):
-    files = (os.path.join(d, name) for d, _, names in os.walk(path) for name in names)
+  if root.is_dir():
+    files = [directory / name for directory, _, names in root.walk() for name in names]
+  elif '://' in path:
+    files = _remote_glob(path)
   else:
-    files = glob.glob(path, recursive=True)
-  files = sorted(f for f in files if os.path.isfile(f))
+    files = [epath.Path(f) for f in glob.glob(path, recursive=True)]
+  files = sorted(os.fspath(f) for f in files if f.is_file())
   if not files:
     raise FileNotFoundError(f'data.path={path!r} matches no file; give a file, a directory or a glob.')
   return files
 
 
+def _remote_glob(pattern: str) -> list[epath.Path]:
+  """Matches of a gs:// glob: the part from the first wildcard on is matched under the rest."""
+  if '**' in pattern:  # One listing per directory: give the directory itself instead.
+    raise ValueError(f'data.path={pattern!r}: ** globs are for local disks; on gs:// give the '
+                     'directory (every file under it is read) or a glob with * only.')
+  parts = pattern.split('/')
+  wildcards = [i for i, part in enumerate(parts) if any(c in part for c in '*?[')]
+  if not wildcards:  # Neither a file nor a directory, and no glob.
+    return []
+  base, rest = '/'.join(parts[:wildcards[0]]), '/'.join(parts[wildcards[0]:])
+  return list(epath.Path(base).glob(rest))
+
+
 def _read_utf8(file: str) -> str:
-  with open(file, 'rb') as f:
-    data = f.read()
+  data = epath.Path(file).read_bytes()
   try:
     return data.decode('utf-8')
   except UnicodeDecodeError as e:
