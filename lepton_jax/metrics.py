@@ -23,14 +23,15 @@ class JsonLines:
   def __init__(self, path: epath.PathLike, first_step: int):
     self._path = epath.Path(path)
     self._remote = '://' in os.fspath(path)
-    self._lines = [line for line in self._read_lines() if _step(line) <= first_step]
-    self._write_all()
+    kept = [line for line in self._read_lines() if _step(line) <= first_step]
+    self._write(kept)
+    self._remote_lines = kept  # What an object store's copy holds; unused for local files.
 
   def append(self, record: Mapping[str, float]) -> None:
     line = json.dumps(record)
     if self._remote:
-      self._lines.append(line)
-      self._write_all()
+      self._remote_lines.append(line)
+      self._write(self._remote_lines)
     else:
       with self._path.open('a', encoding='utf-8') as f:
         f.write(line + '\n')
@@ -41,15 +42,14 @@ class JsonLines:
     return [line for line in self._path.read_text(encoding='utf-8').splitlines()
             if _step(line) is not None]
 
-  def _write_all(self) -> None:
-    text = ''.join(line + '\n' for line in self._lines)
+  def _write(self, lines: list[str]) -> None:
+    text = ''.join(line + '\n' for line in lines)
     if self._remote:  # An object is replaced whole or not at all.
       self._path.write_text(text, encoding='utf-8')
     else:  # Write then rename: a crash mid-write keeps the old file.
       partial = self._path.with_name(f'{self._path.name}.{os.getpid()}.tmp')
       partial.write_text(text, encoding='utf-8')
       partial.replace(self._path)
-      self._lines = []  # Appended to from now on.
 
 
 def _step(line: str) -> int | None:
