@@ -2,6 +2,8 @@
 import json
 import os
 
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -129,6 +131,17 @@ def test_sentencepiece_trains_into_and_loads_from_gcs(spm_workdir, fake_gcs):
       make_config(**dict(config.data, tokenizer_path=trained.model_path)).data, 'gs://bucket/b')
   assert loaded.encode(UNICODE_TEXT) == trained.encode(UNICODE_TEXT)
   assert not (fake_gcs / 'bucket/b').exists()
+
+
+def test_a_process_that_cannot_see_the_trained_model_says_the_workdir_must_be_shared(
+    spm_workdir, tmp_path, monkeypatch):
+  config, _ = spm_workdir
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)  # Process 0 wrote to its own disk.
+  monkeypatch.setattr(multihost_utils, 'sync_global_devices', lambda name: None)
+  with pytest.raises(FileNotFoundError, match=r'process 0 trained .*spm_v600_\w+\.model but '
+                     r'process 1 cannot see it: every process needs the same workdir'):
+    data.build_tokenizer(config.data, str(tmp_path))
 
 
 def test_sentencepiece_loads_tokenizer_path(spm_workdir, tmp_path):

@@ -131,6 +131,10 @@ def trained_model_path(data_config: ml_collections.ConfigDict, workdir: str,
     _train_sentencepiece(data_config, path)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f'lepton_jax: trained {path.name}')
+    if not path.exists():
+      raise FileNotFoundError(f'process 0 trained {path} but process {jax.process_index()} cannot '
+                              'see it: every process needs the same workdir (gs:// or a shared '
+                              'filesystem).')
   return os.fspath(path)
 
 
