@@ -10,6 +10,8 @@ from etils import epath
 import tensorboardX
 import tqdm
 
+from lepton_jax import paths
+
 
 class JsonLines:
   """A file of one JSON record per line, each with a 'step'; records are added in step order.
@@ -22,9 +24,12 @@ class JsonLines:
 
   def __init__(self, path: epath.PathLike, first_step: int):
     self._path = epath.Path(path)
-    self._remote = '://' in os.fspath(path)
-    kept = [line for line in self._read_lines() if _step(line) <= first_step]
-    self._write(kept)
+    self._remote = paths.is_remote(path)
+    existing = self._path.read_text(encoding='utf-8') if self._path.exists() else ''
+    kept = [line for line in existing.splitlines()
+            if (step := _logged_step(line)) is not None and step <= first_step]
+    if _joined(kept) != existing:
+      self._write(kept)
     self._remote_lines = kept  # What an object store's copy holds; unused for local files.
 
   def append(self, record: Mapping[str, float]) -> None:
@@ -36,23 +41,15 @@ class JsonLines:
       with self._path.open('a', encoding='utf-8') as f:
         f.write(line + '\n')
 
-  def _read_lines(self) -> list[str]:
-    if not self._path.exists():
-      return []
-    return [line for line in self._path.read_text(encoding='utf-8').splitlines()
-            if _step(line) is not None]
-
   def _write(self, lines: list[str]) -> None:
-    text = ''.join(line + '\n' for line in lines)
-    if self._remote:  # An object is replaced whole or not at all.
-      self._path.write_text(text, encoding='utf-8')
-    else:  # Write then rename: a crash mid-write keeps the old file.
-      partial = self._path.with_name(f'{self._path.name}.{os.getpid()}.tmp')
-      partial.write_text(text, encoding='utf-8')
-      partial.replace(self._path)
+    paths.write_atomically(self._path, _joined(lines).encode('utf-8'))
 
 
-def _step(line: str) -> int | None:
+def _joined(lines: list[str]) -> str:
+  return ''.join(line + '\n' for line in lines)
+
+
+def _logged_step(line: str) -> int | None:
   """The step of a record line; None for a line that is not a complete record."""
   try:
     return int(json.loads(line)['step'])
@@ -67,7 +64,7 @@ class MetricWriter:
     self._active = active
     if active:
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-      self._jsonl = JsonLines(epath.Path(workdir) / 'metrics.jsonl', first_step)
+      self._jsonl = JsonLines(os.path.join(workdir, 'metrics.jsonl'), first_step)
       self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:

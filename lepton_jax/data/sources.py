@@ -15,6 +15,8 @@ import sysconfig
 from etils import epath
 import ml_collections
 
+from lepton_jax import paths
+
 SPLITS = ('train', 'eval')
 
 
@@ -101,7 +103,7 @@ def _matching_files(path: str) -> list[str]:
     return [path]
   if root.is_dir():
     files = [directory / name for directory, _, names in root.walk() for name in names]
-  elif '://' in path:
+  elif paths.is_remote(path):
     files = _remote_glob(path)
   else:
     files = [epath.Path(f) for f in glob.glob(path, recursive=True)]

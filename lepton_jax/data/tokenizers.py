@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import sentencepiece as spm
 
+from lepton_jax import paths
 from lepton_jax.data import sources
 
 # Trainer settings that keep decode(encode(text)) == text, code included: no normalization, no
@@ -159,11 +160,8 @@ def _train_sentencepiece(data_config: ml_collections.ConfigDict, path: epath.Pat
       num_threads=os.cpu_count(),
       minloglevel=2,
       **SPM_TRAINER_OPTIONS)
-  # Write then rename, so a crashed run never leaves a partial model behind.
   path.parent.mkdir(parents=True, exist_ok=True)
-  partial = path.with_name(f'{path.name}.{os.getpid()}.tmp')
-  partial.write_bytes(model.getvalue())
-  partial.replace(path)
+  paths.write_atomically(path, model.getvalue())
   logging.info('Trained SentencePiece (vocab %d) in %.1fs: %s',
                data_config.vocab_size, time.time() - start, path)
 
