@@ -1,26 +1,25 @@
 """Model FLOPs utilisation (MFU): FLOPs per training token, and the peak FLOP/s of a device.
 
 MFU = achieved model FLOP/s / peak FLOP/s. "Model" FLOPs are the matmuls the architecture needs,
-written out from the config (PaLM, appendix B), not what the compiler happens to execute: masked
-attention blocks, recomputation under remat and elementwise work (norms, softmax, activations)
-do not count. Peaks are dense (no 2:4 sparsity) vendor figures per JAX device; on CPU there is no
-meaningful spec sheet, so the peak is a measured f32 matmul rate.
+written out from the model's `ModelConfig` (PaLM, appendix B), not what the compiler happens to
+execute: masked attention blocks, recomputation under remat and elementwise work (norms, softmax,
+activations) do not count. Peaks are dense (no 2:4 sparsity) vendor figures per JAX device; on
+CPU there is no meaningful spec sheet, so the peak is a measured f32 matmul rate.
 """
 import functools
 import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from lepton_jax.model import transformer
+from lepton_jax.model import ModelConfig, transformer
 
 
 # The backward pass costs two matmuls per forward matmul (gradients w.r.t. inputs and weights).
 TRAIN_TO_FORWARD_FLOPS = 3
 
 
-def attention_projection_params(model_config: ml_collections.ConfigDict) -> int:
+def attention_projection_params(model_config: ModelConfig) -> int:
   """Weights of q, k, v and the output projection in one layer."""
   d_model, head_dim = model_config.d_model, model_config.head_dim
   q_width = model_config.num_heads * head_dim
@@ -28,7 +27,7 @@ def attention_projection_params(model_config: ml_collections.ConfigDict) -> int:
   return d_model * q_width + 2 * d_model * kv_width + q_width * d_model
 
 
-def mlp_params(model_config: ml_collections.ConfigDict) -> int:
+def mlp_params(model_config: ModelConfig) -> int:
   """Weights of the MLP in one layer."""
   if model_config.mlp not in transformer.ACTIVATIONS:
     raise ValueError(f'Unknown mlp {model_config.mlp!r}; expected one of '
@@ -38,7 +37,7 @@ def mlp_params(model_config: ml_collections.ConfigDict) -> int:
   return num_matrices * model_config.d_model * model_config.d_ff
 
 
-def matmul_params(model_config: ml_collections.ConfigDict) -> int:
+def matmul_params(model_config: ModelConfig) -> int:
   """Weights that each token multiplies once per forward pass.
 
   The LM head counts even when tied to the embedding: the lookup is a gather, the head a matmul.
@@ -67,7 +66,7 @@ def mean_attended_keys(seq_len: int, sliding_window: int = 0) -> float:
   return total_keys / seq_len
 
 
-def attention_flops_per_token(model_config: ml_collections.ConfigDict, seq_len: int) -> float:
+def attention_flops_per_token(model_config: ModelConfig, seq_len: int) -> float:
   """Forward FLOPs of QK^T and AV for one token, summed over heads and layers."""
   keys = mean_attended_keys(seq_len, model_config.sliding_window)
   # Per head and key: a head_dim dot product for the score, a head_dim axpy for the value; each
@@ -76,12 +75,12 @@ def attention_flops_per_token(model_config: ml_collections.ConfigDict, seq_len: 
   return model_config.num_layers * per_layer
 
 
-def forward_flops_per_token(model_config: ml_collections.ConfigDict, seq_len: int) -> float:
+def forward_flops_per_token(model_config: ModelConfig, seq_len: int) -> float:
   """Forward FLOPs for one token: 2 FLOPs per weight (multiply-add), plus attention."""
   return 2 * matmul_params(model_config) + attention_flops_per_token(model_config, seq_len)
 
 
-def train_flops_per_token(model_config: ml_collections.ConfigDict, seq_len: int) -> float:
+def train_flops_per_token(model_config: ModelConfig, seq_len: int) -> float:
   """Forward plus backward FLOPs for one token of a seq_len-long training sequence."""
   return TRAIN_TO_FORWARD_FLOPS * forward_flops_per_token(model_config, seq_len)
 

@@ -1,17 +1,23 @@
-"""Test-process setup: 8 simulated CPU devices and a persistent XLA compilation cache; a fake gs://.
+"""Test-process setup: 8 simulated CPU devices and a persistent XLA compilation cache; a fake gs://;
+and the helpers tests share (`tiny_config`, `read_metrics`, `TEXT`): tests import them from here,
+never from each other.
 
 Many tests train the same tiny model; the cache lets every run after the first skip compilation
 (keys include the HLO and the jax version, so a changed model never hits a stale entry).
 """
+import json
 import os
+import pathlib
 import tempfile
 
 from etils import epath
 import etils.epath.testing  # pylint: disable=unused-import  (epath.testing.mock_epath)
 import pytest
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+  # A subprocess that imports these helpers may have chosen its own device count.
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # pylint: disable=g-import-not-at-top  (flags above must precede the first import)
@@ -20,6 +26,51 @@ jax.config.update('jax_compilation_cache_dir',
                   os.path.join(tempfile.gettempdir(), 'lepton_jax_test_xla_cache'))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+from lepton_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+TEXT = ''.join(f'line {i}: the quick brown fox jumps over the lazy dog {i % 7}.\n'
+               for i in range(400))
+
+
+def tiny_config(tmp_path: pathlib.Path | None = None, **overrides):
+  """A byte-level experiment small enough to train in seconds on 8 simulated devices.
+
+  With `tmp_path` its corpus (TEXT) is written there; dotted keyword arguments override any
+  field (`**{'model.num_layers': 3}`).
+  """
+  config = config_lib.base_config()
+  config.total_steps = 30
+  config.batch_size = 8
+  config.seq_len = 32
+  config.log_every_steps = 1
+  config.eval_every_steps = 10
+  config.eval_batches = 2
+  config.checkpoint_every_steps = 10
+  config.data.source = 'text'
+  config.data.tokenizer = 'bytes'
+  if tmp_path is not None:
+    corpus = tmp_path / 'corpus.txt'
+    if not corpus.exists():
+      corpus.write_text(TEXT)
+    config.data.path = str(corpus)
+  config.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                      d_ff=64, max_seq_len=32)
+  config.optimizer.update(learning_rate=3e-3, warmup_steps=5)
+  config.sample.num_tokens = 0
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+def read_metrics(workdir) -> list[dict]:
+  """The records of a run's metrics.jsonl, in order."""
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
 """Tests of the MFU accounting: the FLOPs formula against independent counts, and the peak table."""
+import dataclasses
 import types
 
 import jax
@@ -8,16 +9,16 @@ import pytest
 
 from lepton_jax import config_lib
 from lepton_jax import flops
+from lepton_jax.model import ModelConfig
 
 
-def make_model_config(**overrides):
-  model_config = config_lib.model_config()
-  model_config.vocab_size = 1000
-  model_config.update(overrides)
-  return model_config
+def make_model_config(**overrides) -> ModelConfig:
+  """The default model with a 1000-token vocabulary; keyword arguments override its fields."""
+  default = ModelConfig.from_config(config_lib.model_config())
+  return dataclasses.replace(default, **{'vocab_size': 1000, **overrides})
 
 
-def abstract_params(model_config):
+def abstract_params(model_config: ModelConfig):
   """Shapes of a decoder's weights, written out by hand independently of flops.py."""
   d, h, kv, hd, ff = (model_config.d_model, model_config.num_heads, model_config.num_kv_heads,
                       model_config.head_dim, model_config.d_ff)
@@ -43,21 +44,21 @@ def abstract_params(model_config):
   return jax.eval_shape(init)
 
 
-def counted_matmul_params(model_config):
+def counted_matmul_params(model_config: ModelConfig) -> int:
   """Weights of rank >= 2 except the embedding table (a gather, not a matmul)."""
   params = abstract_params(model_config)
   del params['embedding']
   return sum(leaf.size for leaf in jax.tree.leaves(params) if leaf.ndim >= 2)
 
 
-def brute_force_attention_flops(model_config, seq_len):
+def brute_force_attention_flops(model_config: ModelConfig, seq_len: int) -> float:
   """Forward QK^T + AV FLOPs per token from an explicit mask of the (query, key) pairs scored."""
   query_T1 = np.arange(seq_len)[:, None]
-  key_1T = np.arange(seq_len)[None, :]
-  mask_TT = key_1T <= query_T1
+  key_1S = np.arange(seq_len)[None, :]
+  mask_TS = key_1S <= query_T1
   if model_config.sliding_window:
-    mask_TT &= query_T1 - key_1T < model_config.sliding_window
-  pairs_per_token = mask_TT.sum() / seq_len
+    mask_TS &= query_T1 - key_1S < model_config.sliding_window
+  pairs_per_token = mask_TS.sum() / seq_len
   flops_per_pair = 2 * 2 * model_config.head_dim  # two dot products of head_dim multiply-adds.
   return model_config.num_layers * model_config.num_heads * flops_per_pair * pairs_per_token
 

@@ -11,18 +11,21 @@ from lepton_jax import config_lib
 from lepton_jax.model import ModelConfig, Transformer, layers
 from lepton_jax.model.attention import causal_mask, rope, xla_attention
 from lepton_jax.model.transformer import Mlp
+from tests.conftest import tiny_config
 
 VOCAB, D_MODEL, HEADS, HEAD_DIM, D_FF, MAX_LEN = 64, 32, 4, 8, 64, 16
 B, T = 2, 12
+TOY = dict(vocab_size=VOCAB, d_model=D_MODEL, num_layers=2, num_heads=HEADS, num_kv_heads=HEADS,
+           head_dim=HEAD_DIM, d_ff=D_FF, max_seq_len=MAX_LEN)
 
 
-def tiny_config(**overrides) -> ModelConfig:
-  """The shared defaults at toy size; keyword arguments override any model field."""
-  config = config_lib.model_config()
-  config.update(dict(vocab_size=VOCAB, d_model=D_MODEL, num_layers=2, num_heads=HEADS,
-                     num_kv_heads=HEADS, head_dim=HEAD_DIM, d_ff=D_FF, max_seq_len=MAX_LEN))
-  config.update(overrides)
-  return ModelConfig.from_config(config)
+def toy_experiment(**model_overrides):
+  """The shared tiny experiment with this file's toy model; keywords override model fields."""
+  return tiny_config(seq_len=T, **{f'model.{k}': v for k, v in {**TOY, **model_overrides}.items()})
+
+
+def model_config(**overrides) -> ModelConfig:
+  return ModelConfig.from_config(toy_experiment(**overrides).model)
 
 
 def tokens(seed: int = 0) -> jax.Array:
@@ -71,7 +74,7 @@ def assert_close(actual, expected, tol):
 # --- shapes, dtypes, logical axes -----------------------------------------------------------
 
 def test_default_config_gives_float32_logits_of_shape_batch_time_vocab():
-  cfg = tiny_config()
+  cfg = model_config()
   logits = apply(cfg, init(cfg), tokens())
   assert logits.shape == (B, T, VOCAB)
   assert logits.dtype == jnp.float32
@@ -81,8 +84,8 @@ def test_default_config_gives_float32_logits_of_shape_batch_time_vocab():
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_every_param_carries_logical_axis_names_known_to_the_rules(scan_layers):
   # Every kind of parameter at once: biases, qk-norm, layernorm, learned positions, the head.
-  cfg = tiny_config(scan_layers=scan_layers, qkv_bias=True, out_bias=True, mlp_bias=True,
-                    qk_norm=True, norm='layernorm', positions='learned', num_kv_heads=2)
+  cfg = model_config(scan_layers=scan_layers, qkv_bias=True, out_bias=True, mlp_bias=True,
+                     qk_norm=True, norm='layernorm', positions='learned', num_kv_heads=2)
   boxed = jax.eval_shape(lambda: init_boxed(cfg))
   specs = nn.get_partition_spec(boxed)
   arrays = nn.unbox(boxed)
@@ -113,7 +116,7 @@ def test_every_param_carries_logical_axis_names_known_to_the_rules(scan_layers):
 @pytest.mark.parametrize('positions,sliding_window',
                          [('rope', 0), ('learned', 0), ('none', 0), ('rope', 4)])
 def test_future_tokens_never_change_past_logits(attention, positions, sliding_window):
-  cfg = tiny_config(attention=attention, positions=positions, sliding_window=sliding_window)
+  cfg = model_config(attention=attention, positions=positions, sliding_window=sliding_window)
   params = init(cfg)
   tokens_BT = tokens(0)
   logits = apply(cfg, params, tokens_BT)
@@ -129,7 +132,7 @@ def test_future_tokens_never_change_past_logits(attention, positions, sliding_wi
 def test_sliding_window_sees_exactly_the_last_window_positions(attention):
   window, t = 4, 10
   # One layer, so the receptive field is exactly the window.
-  cfg = tiny_config(attention=attention, sliding_window=window, num_layers=1)
+  cfg = model_config(attention=attention, sliding_window=window, num_layers=1)
   params = init(cfg)
   tokens_BT = tokens(0)
   logits_t = apply(cfg, params, tokens_BT)[:, t]
@@ -158,7 +161,7 @@ def test_causal_mask_with_window():
 
 @pytest.mark.parametrize('mlp', ['swiglu', 'geglu', 'gelu', 'relu'])
 def test_mlp_matches_its_formula_and_only_gated_ones_have_a_gate(mlp):
-  cfg = tiny_config(mlp=mlp)
+  cfg = model_config(mlp=mlp)
   x = np.asarray(jax.random.normal(jax.random.key(1), (B, T, D_MODEL)))
   params = nn.unbox(Mlp(cfg).init(jax.random.key(0), x, deterministic=True)['params'])
   gated = mlp in ('swiglu', 'geglu')
@@ -173,14 +176,14 @@ def test_mlp_matches_its_formula_and_only_gated_ones_have_a_gate(mlp):
 
 
 def test_rmsnorm_has_only_a_scale_and_layernorm_also_a_bias():
-  norm_params = lambda norm: param_shapes(tiny_config(norm=norm))['layers_0']['attn_norm']
+  norm_params = lambda norm: param_shapes(model_config(norm=norm))['layers_0']['attn_norm']
   assert set(norm_params('rmsnorm')) == {'scale'}
   assert set(norm_params('layernorm')) == {'scale', 'bias'}
-  assert set(param_shapes(tiny_config(norm='layernorm'))['final_norm']) == {'scale', 'bias'}
+  assert set(param_shapes(model_config(norm='layernorm'))['final_norm']) == {'scale', 'bias'}
 
 
 def test_no_biases_by_default():
-  assert not [p for p in paths(param_shapes(tiny_config())) if p.endswith('bias')]
+  assert not [p for p in paths(param_shapes(model_config())) if p.endswith('bias')]
 
 
 @pytest.mark.parametrize('switch,biased', [
@@ -189,7 +192,7 @@ def test_no_biases_by_default():
     ('mlp_bias', {'mlp/up', 'mlp/gate', 'mlp/down'}),
 ])
 def test_bias_switches_add_biases_exactly_where_they_say(switch, biased):
-  params = param_shapes(tiny_config(num_kv_heads=2, **{switch: True}))
+  params = param_shapes(model_config(num_kv_heads=2, **{switch: True}))
   for i in range(2):
     layer_paths = paths(params[f'layers_{i}'])
     assert {p.removesuffix('/bias') for p in layer_paths if p.endswith('/bias')} == biased
@@ -202,7 +205,7 @@ def test_bias_switches_add_biases_exactly_where_they_say(switch, biased):
 
 
 def test_tied_embeddings_drop_the_head_and_project_with_the_embedding_table():
-  untied_cfg, tied_cfg = tiny_config(), tiny_config(tie_embeddings=True)
+  untied_cfg, tied_cfg = model_config(), model_config(tie_embeddings=True)
   assert 'head' in param_shapes(untied_cfg)
   assert 'head' not in param_shapes(tied_cfg)
   # The tied model is the untied one with head kernel = embedding^T.
@@ -213,15 +216,15 @@ def test_tied_embeddings_drop_the_head_and_project_with_the_embedding_table():
 
 
 def test_qk_norm_adds_query_and_key_norms_over_head_dim():
-  assert 'query_norm' not in param_shapes(tiny_config())['layers_0']['attn']
-  attn = param_shapes(tiny_config(qk_norm=True))['layers_0']['attn']
+  assert 'query_norm' not in param_shapes(model_config())['layers_0']['attn']
+  attn = param_shapes(model_config(qk_norm=True))['layers_0']['attn']
   assert attn['query_norm']['scale'].shape == (HEAD_DIM,)
   assert attn['key_norm']['scale'].shape == (HEAD_DIM,)
 
 
 @pytest.mark.parametrize('num_kv_heads', [4, 2, 1])  # MHA, GQA, MQA
 def test_key_and_value_kernels_have_num_kv_heads(num_kv_heads):
-  cfg = tiny_config(num_kv_heads=num_kv_heads)
+  cfg = model_config(num_kv_heads=num_kv_heads)
   attn = param_shapes(cfg)['layers_0']['attn']
   assert attn['query']['kernel'].shape == (D_MODEL, HEADS, HEAD_DIM)
   assert attn['key']['kernel'].shape == (D_MODEL, num_kv_heads, HEAD_DIM)
@@ -229,18 +232,18 @@ def test_key_and_value_kernels_have_num_kv_heads(num_kv_heads):
 
 
 def test_learned_positions_add_a_position_table_of_max_seq_len_rows():
-  params = param_shapes(tiny_config(positions='learned'))
+  params = param_shapes(model_config(positions='learned'))
   assert params['pos_embedding'].shape == (MAX_LEN, D_MODEL)
-  assert 'pos_embedding' not in param_shapes(tiny_config(positions='rope'))
-  assert 'pos_embedding' not in param_shapes(tiny_config(positions='none'))
+  assert 'pos_embedding' not in param_shapes(model_config(positions='rope'))
+  assert 'pos_embedding' not in param_shapes(model_config(positions='none'))
 
 
 def test_dropout_is_off_when_deterministic_and_on_otherwise():
-  cfg = tiny_config(dropout=0.5)
+  cfg = model_config(dropout=0.5)
   params, tokens_BT = init(cfg), tokens()
   eval1 = apply(cfg, params, tokens_BT, deterministic=True)
   eval2 = apply(cfg, params, tokens_BT, deterministic=True)
-  no_dropout = apply(tiny_config(), params, tokens_BT)
+  no_dropout = apply(model_config(), params, tokens_BT)
   np.testing.assert_array_equal(eval1, eval2)
   assert_close(eval1, no_dropout, 1e-6)
   train = lambda seed: apply(cfg, params, tokens_BT, deterministic=False,
@@ -251,7 +254,7 @@ def test_dropout_is_off_when_deterministic_and_on_otherwise():
 
 
 def test_scanned_layers_equal_unrolled_layers_with_restacked_params():
-  cfg, scan_cfg = tiny_config(), tiny_config(scan_layers=True)
+  cfg, scan_cfg = model_config(), model_config(scan_layers=True)
   params = init(cfg)
   stacked = stack_layers(params, cfg.num_layers)
   shape = lambda a: a.shape
@@ -259,11 +262,25 @@ def test_scanned_layers_equal_unrolled_layers_with_restacked_params():
   assert_close(apply(scan_cfg, stacked, tokens()), apply(cfg, params, tokens()), 1e-5)
 
 
+def test_scanned_layers_pass_every_collection_through_stacked_on_the_layer_axis():
+  # Intermediates stand for any collection besides params (a KV cache, LoRA): nn.scan drops
+  # the collections it is not told to lift, silently.
+  cfg, scan_cfg = model_config(), model_config(scan_layers=True)
+  params = init(cfg)
+  intermediates = lambda cfg, params: Transformer(cfg).apply(
+      {'params': params}, tokens(), capture_intermediates=True)[1]['intermediates']
+  scanned = intermediates(scan_cfg, stack_layers(params, cfg.num_layers))
+  expected = stack_layers(intermediates(cfg, params), cfg.num_layers)
+  assert jax.tree.structure(scanned) == jax.tree.structure(expected)
+  assert scanned['layers']['mlp']['__call__'][0].shape == (cfg.num_layers, B, T, D_MODEL)
+  jax.tree.map(lambda a, b: assert_close(a, b, 1e-5), scanned, expected)
+
+
 @functools.cache
 def _loss_and_grads(remat: str, scan_layers: bool):
   """Cross-entropy and its gradients for the same params and tokens under a remat policy."""
-  cfg = tiny_config(remat=remat, scan_layers=scan_layers)
-  params = init(tiny_config())
+  cfg = model_config(remat=remat, scan_layers=scan_layers)
+  params = init(model_config())
   if scan_layers:
     params = stack_layers(params, cfg.num_layers)
   tokens_BT = tokens()
@@ -286,9 +303,9 @@ def test_remat_changes_neither_loss_nor_gradients(remat, scan_layers):
 
 
 def test_bfloat16_compute_is_close_to_float32_and_params_stay_in_param_dtype():
-  f32_cfg = tiny_config()
+  f32_cfg = model_config()
   params = init(f32_cfg)
-  bf16_cfg = tiny_config(dtype='bfloat16')
+  bf16_cfg = model_config(dtype='bfloat16')
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(param_shapes(bf16_cfg)))
   f32_logits = apply(f32_cfg, params, tokens())
   bf16_logits = apply(bf16_cfg, params, tokens())
@@ -296,12 +313,22 @@ def test_bfloat16_compute_is_close_to_float32_and_params_stay_in_param_dtype():
   assert not np.array_equal(bf16_logits, f32_logits)  # The compute really ran in bf16.
   assert_close(bf16_logits, f32_logits, 5e-2)
 
-  all_bf16 = tiny_config(dtype='bfloat16', param_dtype='bfloat16')
+  all_bf16 = model_config(dtype='bfloat16', param_dtype='bfloat16')
   assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(param_shapes(all_bf16)))
   assert apply(all_bf16, init(all_bf16), tokens()).dtype == jnp.float32
 
 
 # --- numerics vs independent references -------------------------------------------------------
+
+def test_layer_fields_after_the_first_are_keyword_only():
+  # So that dtype and param_dtype (or in_axes and out_axes) can never be swapped by position.
+  with pytest.raises(TypeError):
+    layers.Dense((D_FF,), ('embed',), ('mlp',))
+  with pytest.raises(TypeError):
+    layers.Norm(1e-5, True)
+  with pytest.raises(TypeError):
+    layers.Embed(VOCAB, D_MODEL)
+
 
 def _norm_inputs():
   rng = np.random.default_rng(0)
@@ -382,10 +409,10 @@ def test_xla_attention_matches_naive_reference_and_mha_with_repeated_kv(num_kv_h
 @pytest.mark.parametrize('overrides', [dict(), dict(num_kv_heads=2, sliding_window=5),
                                        dict(num_kv_heads=1, qk_norm=True, qkv_bias=True)])
 def test_xla_attention_equals_jax_dot_product_attention(overrides):
-  xla_cfg = tiny_config(attention='xla', **overrides)
+  xla_cfg = model_config(attention='xla', **overrides)
   params = init(xla_cfg)
   params = jax.tree.map(lambda p: p + 0.01 * jax.random.normal(jax.random.key(3), p.shape), params)
-  dot_cfg = tiny_config(attention='dot_product', **overrides)
+  dot_cfg = model_config(attention='dot_product', **overrides)
   assert_close(apply(dot_cfg, params, tokens()), apply(xla_cfg, params, tokens()), 1e-5)
 
 
@@ -447,10 +474,10 @@ def _torch_forward(cfg: ModelConfig, params, tokens_BT):
 def test_logits_match_a_plain_torch_implementation(style):
   pytest.importorskip('torch')
   if style == 'gpt2':
-    cfg = tiny_config(norm='layernorm', positions='learned', mlp='gelu', qkv_bias=True,
-                      out_bias=True, mlp_bias=True, tie_embeddings=True)
+    cfg = model_config(norm='layernorm', positions='learned', mlp='gelu', qkv_bias=True,
+                       out_bias=True, mlp_bias=True, tie_embeddings=True)
   else:
-    cfg = tiny_config(num_kv_heads=2)
+    cfg = model_config(num_kv_heads=2)
   params = init(cfg)
   # Perturb every param (zero biases and unit scales would hide layout mistakes).
   keys = iter(jax.random.split(jax.random.key(7), len(jax.tree.leaves(params))))
@@ -460,15 +487,8 @@ def test_logits_match_a_plain_torch_implementation(style):
 
 # --- config validation ------------------------------------------------------------------------
 
-def _valid_config():
-  config = config_lib.base_config()
-  config.seq_len = T
-  config.model.update(dict(vocab_size=VOCAB, max_seq_len=MAX_LEN))
-  return config
-
-
-def test_tiny_config_is_valid():
-  config_lib.validate(_valid_config())
+def test_toy_experiment_is_valid():
+  config_lib.validate(toy_experiment())
 
 
 @pytest.mark.parametrize('overrides,key', [
@@ -479,13 +499,9 @@ def test_tiny_config_is_valid():
     (dict(dropout=0.1, attention='dot_product'), 'config.model.dropout'),
 ])
 def test_validate_names_the_bad_key(overrides, key):
-  config = _valid_config()
-  config.model.update(overrides)
   with pytest.raises(ValueError, match=key.replace('.', r'\.')):
-    config_lib.validate(config)
+    config_lib.validate(toy_experiment(**overrides))
 
 
 def test_odd_head_dim_is_fine_without_rope():
-  config = _valid_config()
-  config.model.update(dict(head_dim=7, positions='learned'))
-  config_lib.validate(config)
+  config_lib.validate(toy_experiment(head_dim=7, positions='learned'))

@@ -18,23 +18,25 @@ import ml_collections
 from lepton_jax import paths
 
 SPLITS = ('train', 'eval')
+# config.data.source -> (data config, split) -> the documents of that split.
+SOURCES = {
+    'stdlib': lambda data_config, split: stdlib_documents(data_config.val_fraction, split),
+    'text': lambda data_config, split: text_documents(data_config.path, data_config.val_fraction,
+                                                      split),
+    'tfds': lambda data_config, split: tfds_documents(
+        data_config.tfds_name,
+        data_config.train_split if split == 'train' else data_config.eval_split,
+        data_config.text_key, data_config.tfds_data_dir),
+}
 
 
 def load_documents(data_config: ml_collections.ConfigDict, split: str) -> Sequence[str]:
   """The documents of `split` ('train' or 'eval') of the configured source."""
   if split not in SPLITS:
     raise ValueError(f'split={split!r} is not one of {SPLITS}.')
-  source = data_config.source
-  if source == 'stdlib':
-    documents = stdlib_documents(data_config.val_fraction, split)
-  elif source == 'text':
-    documents = text_documents(data_config.path, data_config.val_fraction, split)
-  elif source == 'tfds':
-    split_name = data_config.train_split if split == 'train' else data_config.eval_split
-    documents = tfds_documents(
-        data_config.tfds_name, split_name, data_config.text_key, data_config.tfds_data_dir)
-  else:
-    raise ValueError(f"data.source={source!r} is not one of 'stdlib', 'text', 'tfds'.")
+  if data_config.source not in SOURCES:
+    raise ValueError(f'data.source={data_config.source!r} is not one of {tuple(SOURCES)}.')
+  documents = SOURCES[data_config.source](data_config, split)
   if not any(documents):
     raise ValueError(f'{describe_source(data_config)} has no text in its {split} split; '
                      'add text or change data.val_fraction / the split names.')

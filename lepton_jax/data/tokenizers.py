@@ -100,19 +100,23 @@ class SentencePieceTokenizer:
     return self._processor.decode([int(i) for i in ids])
 
 
+# config.data.tokenizer -> (data config, workdir, train_if_missing) -> the tokenizer.
+TOKENIZERS = {
+    'sentencepiece': lambda data_config, workdir, train_if_missing: SentencePieceTokenizer(
+        data_config.tokenizer_path or trained_model_path(data_config, workdir, train_if_missing)),
+    'bytes': lambda *_: ByteTokenizer(),
+}
+
+
 def build_tokenizer(data_config: ml_collections.ConfigDict, workdir: str,
                     train_if_missing: bool = True) -> Tokenizer:
   """The configured tokenizer; trains (once per workdir) a SentencePiece model if none is given.
 
   With `train_if_missing=False` (using a finished run) a model the workdir lacks is an error.
   """
-  if data_config.tokenizer == 'bytes':
-    return ByteTokenizer()
-  if data_config.tokenizer == 'sentencepiece':
-    model_path = (data_config.tokenizer_path or
-                  trained_model_path(data_config, workdir, train_if_missing))
-    return SentencePieceTokenizer(model_path)
-  raise ValueError(f"data.tokenizer={data_config.tokenizer!r} is not one of 'sentencepiece', 'bytes'.")
+  if data_config.tokenizer not in TOKENIZERS:
+    raise ValueError(f'data.tokenizer={data_config.tokenizer!r} is not one of {tuple(TOKENIZERS)}.')
+  return TOKENIZERS[data_config.tokenizer](data_config, workdir, train_if_missing)
 
 
 def trained_model_path(data_config: ml_collections.ConfigDict, workdir: str,

@@ -1,9 +1,23 @@
-"""Causal self-attention with RoPE, GQA/MQA, optional qk-norm and sliding window."""
+"""Causal self-attention with RoPE, GQA/MQA, optional qk-norm and sliding window.
+
+Shape suffixes (`q_BTNH`) use the letters of the legend in lepton_jax/model/__init__.py.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from lepton_jax.model import layers
+
+if TYPE_CHECKING:  # transformer.py imports this module.
+  from lepton_jax.model.transformer import ModelConfig
+
+# config.model.attention: xla = xla_attention below; dot_product = jax.nn.dot_product_attention,
+# which picks a fused kernel where the platform has one; cudnn = insist on cuDNN flash.
+IMPLEMENTATIONS = ('xla', 'dot_product', 'cudnn')
 
 
 def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
@@ -51,51 +65,37 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_TS, dropout: nn.Module, determini
 
 class Attention(nn.Module):
   """Multi-head causal self-attention; num_kv_heads < num_heads gives GQA (1 gives MQA)."""
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  positions: str  # rope | learned | none (only rope acts here)
-  rope_theta: float
-  qkv_bias: bool
-  out_bias: bool
-  qk_norm: bool
-  norm: str
-  norm_eps: float
-  sliding_window: int
-  implementation: str  # xla | dot_product | cudnn
-  dropout_rate: float
-  dtype: jnp.dtype
-  param_dtype: jnp.dtype
+  cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, deterministic: bool) -> jax.Array:
+    cfg = self.cfg
     dense = lambda features, in_axes, out_axes, bias, name: layers.Dense(
-        features=features, in_axes=in_axes, out_axes=out_axes, use_bias=bias,
-        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    q_BTNH = dense((self.num_heads, self.head_dim), ('embed',), ('heads', 'head_dim'),
-                   self.qkv_bias, 'query')(x_BTD)
-    k_BTKH = dense((self.num_kv_heads, self.head_dim), ('embed',), ('kv_heads', 'head_dim'),
-                   self.qkv_bias, 'key')(x_BTD)
-    v_BTKH = dense((self.num_kv_heads, self.head_dim), ('embed',), ('kv_heads', 'head_dim'),
-                   self.qkv_bias, 'value')(x_BTD)
-    if self.qk_norm:
-      norm = lambda name: layers.make_norm(self.norm, self.norm_eps, self.dtype, self.param_dtype,
-                                           name, axis_name='head_dim')
+        features, in_axes=in_axes, out_axes=out_axes, use_bias=bias, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, name=name)
+    q_BTNH = dense((cfg.num_heads, cfg.head_dim), ('embed',), ('heads', 'head_dim'),
+                   cfg.qkv_bias, 'query')(x_BTD)
+    k_BTKH = dense((cfg.num_kv_heads, cfg.head_dim), ('embed',), ('kv_heads', 'head_dim'),
+                   cfg.qkv_bias, 'key')(x_BTD)
+    v_BTKH = dense((cfg.num_kv_heads, cfg.head_dim), ('embed',), ('kv_heads', 'head_dim'),
+                   cfg.qkv_bias, 'value')(x_BTD)
+    if cfg.qk_norm:
+      norm = lambda name: layers.make_norm(cfg, name, axis_name='head_dim')
       q_BTNH, k_BTKH = norm('query_norm')(q_BTNH), norm('key_norm')(k_BTKH)
-    if self.positions == 'rope':
-      q_BTNH = rope(q_BTNH, positions_BT, self.rope_theta)
-      k_BTKH = rope(k_BTKH, positions_BT, self.rope_theta)
+    if cfg.positions == 'rope':
+      q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta)
+      k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_theta)
     q_BTNH = nn.with_logical_constraint(q_BTNH, ('batch', 'length', 'act_heads', 'head_dim'))
 
     T = x_BTD.shape[1]
-    mask_TS = causal_mask(T, T, self.sliding_window)
-    if self.implementation == 'xla':
-      out_BTNH = xla_attention(q_BTNH, k_BTKH, v_BTKH, mask_TS, nn.Dropout(self.dropout_rate),
+    mask_TS = causal_mask(T, T, cfg.sliding_window)
+    if cfg.attention == 'xla':
+      out_BTNH = xla_attention(q_BTNH, k_BTKH, v_BTKH, mask_TS, nn.Dropout(cfg.dropout),
                                deterministic)
-    else:  # jax picks a fused kernel where the platform has one; 'cudnn' insists on flash.
-      window = (self.sliding_window - 1, 0) if self.sliding_window else None
+    else:
+      window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
       out_BTNH = jax.nn.dot_product_attention(
           q_BTNH, k_BTKH, v_BTKH, is_causal=True, local_window_size=window,
-          implementation='cudnn' if self.implementation == 'cudnn' else None)
-    return dense((x_BTD.shape[-1],), ('heads', 'head_dim'), ('embed',), self.out_bias,
+          implementation='cudnn' if cfg.attention == 'cudnn' else None)
+    return dense((x_BTD.shape[-1],), ('heads', 'head_dim'), ('embed',), cfg.out_bias,
                  'out')(out_BTNH)

@@ -2,13 +2,20 @@
 
 Every parameter is created through `nn.with_logical_partitioning`, so it carries logical axis
 names ('embed', 'mlp', ...) that config rules map to mesh axes (see lepton_jax/sharding.py).
+Shape suffixes (`x_BTD`) use the letters of the legend in lepton_jax/model/__init__.py.
 """
+from __future__ import annotations
+
+import dataclasses
 import math
-from typing import Sequence
+from typing import Sequence, TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:  # transformer.py imports this module.
+  from lepton_jax.model.transformer import ModelConfig
 
 Dtype = jnp.dtype
 default_kernel_init = nn.initializers.normal(stddev=0.02)
@@ -23,9 +30,9 @@ def matmul_2d(x: jax.Array, w: jax.Array, num_contracted: int) -> jax.Array:
   before it (about 2x slower for the MLP fwd+bwd at d 128); the 2D form needs no copy.
   """
   batch_shape, out_shape = x.shape[:x.ndim - num_contracted], w.shape[num_contracted:]
-  x_MK = x.reshape(math.prod(batch_shape), -1)
-  w_KN = w.reshape(x_MK.shape[1], -1)
-  return (x_MK @ w_KN).reshape(*batch_shape, *out_shape)
+  x_2d = x.reshape(math.prod(batch_shape), -1)
+  w_2d = w.reshape(x_2d.shape[1], -1)
+  return (x_2d @ w_2d).reshape(*batch_shape, *out_shape)
 
 
 class Dense(nn.Module):
@@ -35,6 +42,7 @@ class Dense(nn.Module):
   (*in_axes, *out_axes). LoRA adapters and int8 weights hook in here and nowhere else.
   """
   features: Sequence[int]
+  _: dataclasses.KW_ONLY
   in_axes: Sequence[str]
   out_axes: Sequence[str]
   use_bias: bool = False
@@ -65,6 +73,7 @@ class Norm(nn.Module):
   (GPT-2). Statistics in f32, the result cast back before the scale (Llama's order of operations).
   """
   eps: float
+  _: dataclasses.KW_ONLY
   center: bool = False
   axis_name: str = 'embed'
   dtype: Dtype = jnp.float32
@@ -84,15 +93,19 @@ class Norm(nn.Module):
     return y + param('bias', nn.initializers.zeros) if self.center else y
 
 
-def make_norm(kind: str, eps: float, dtype: Dtype, param_dtype: Dtype, name: str,
-              axis_name: str = 'embed') -> nn.Module:
-  return Norm(eps=eps, center={'rmsnorm': False, 'layernorm': True}[kind], axis_name=axis_name,
-              dtype=dtype, param_dtype=param_dtype, name=name)
+NORMS = {'rmsnorm': False, 'layernorm': True}  # ModelConfig.norm -> Norm's `center`
+
+
+def make_norm(cfg: ModelConfig, name: str, axis_name: str = 'embed') -> Norm:
+  """The norm the model config names, over its last axis (logical name `axis_name`)."""
+  return Norm(cfg.norm_eps, center=NORMS[cfg.norm], axis_name=axis_name, dtype=cfg.dtype,
+              param_dtype=cfg.param_dtype, name=name)
 
 
 class Embed(nn.Module):
   """Token embedding table (V, D); `attend` is the tied output head."""
   vocab_size: int
+  _: dataclasses.KW_ONLY
   d_model: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32

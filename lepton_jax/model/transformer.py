@@ -2,6 +2,7 @@
 
 One set of fields expresses GPT-2 (layernorm, learned positions, gelu, biases, tied embeddings)
 and Llama 2/3, Mistral, Qwen2 (rmsnorm, rope, swiglu, GQA, qkv bias for Qwen2).
+Shape suffixes (`x_BTD`) use the letters of the legend in lepton_jax/model/__init__.py.
 """
 import dataclasses
 
@@ -23,6 +24,8 @@ ACTIVATIONS = {
     'gelu': lambda x: nn.gelu(x, approximate=True), 'relu': nn.relu,
 }
 GATED_MLPS = ('swiglu', 'geglu')
+POSITIONS = ('rope', 'learned', 'none')  # rope acts in attention, learned adds a table here.
+DTYPES = ('float32', 'bfloat16')  # for param_dtype and the compute dtype.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +70,7 @@ class Mlp(nn.Module):
   def __call__(self, x_BTD: jax.Array, deterministic: bool) -> jax.Array:
     cfg = self.cfg
     dense = lambda features, in_axes, out_axes, name: layers.Dense(
-        features=(features,), in_axes=in_axes, out_axes=out_axes, use_bias=cfg.mlp_bias,
+        (features,), in_axes=in_axes, out_axes=out_axes, use_bias=cfg.mlp_bias,
         dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
     act = ACTIVATIONS[cfg.mlp]
     h_BTF = dense(cfg.d_ff, ('embed',), ('mlp',), 'up')(x_BTD)
@@ -83,20 +86,15 @@ class Mlp(nn.Module):
 class Block(nn.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
   cfg: ModelConfig
+  _: dataclasses.KW_ONLY
   deterministic: bool
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array):
     cfg = self.cfg
-    norm = lambda name: layers.make_norm(cfg.norm, cfg.norm_eps, cfg.dtype, cfg.param_dtype, name)
-    attn = Attention(
-        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        positions=cfg.positions, rope_theta=cfg.rope_theta, qkv_bias=cfg.qkv_bias,
-        out_bias=cfg.out_bias, qk_norm=cfg.qk_norm, norm=cfg.norm, norm_eps=cfg.norm_eps,
-        sliding_window=cfg.sliding_window, implementation=cfg.attention,
-        dropout_rate=cfg.dropout, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name='attn')
+    norm = lambda name: layers.make_norm(cfg, name)
     residual_dropout = nn.Dropout(cfg.dropout)
-    h_BTD = attn(norm('attn_norm')(x_BTD), positions_BT, self.deterministic)
+    h_BTD = Attention(cfg, name='attn')(norm('attn_norm')(x_BTD), positions_BT, self.deterministic)
     x_BTD = x_BTD + residual_dropout(h_BTD, deterministic=self.deterministic)
     h_BTD = Mlp(cfg, name='mlp')(norm('mlp_norm')(x_BTD), self.deterministic)
     x_BTD = x_BTD + residual_dropout(h_BTD, deterministic=self.deterministic)
@@ -114,7 +112,8 @@ class Transformer(nn.Module):
     cfg = self.cfg
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-    embed = layers.Embed(cfg.vocab_size, cfg.d_model, cfg.dtype, cfg.param_dtype, name='embed')
+    embed = layers.Embed(cfg.vocab_size, d_model=cfg.d_model, dtype=cfg.dtype,
+                         param_dtype=cfg.param_dtype, name='embed')
     x_BTD = embed(tokens_BT)
     if cfg.positions == 'learned':
       pos_table = self.param(
@@ -129,20 +128,20 @@ class Transformer(nn.Module):
     if cfg.remat != 'none':
       block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True,
-                                                                       'dropout': True},
+      # {True: 0} stacks every collection on the layer axis, not only params: a collection
+      # missing here (cache, intermediates, ...) would be silently dropped inside the scan.
+      stack = nn.scan(block, variable_axes={True: 0}, split_rngs={'params': True, 'dropout': True},
                       in_axes=nn.broadcast, length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BTD, _ = stack(cfg, deterministic, name='layers')(x_BTD, positions_BT)
+      x_BTD, _ = stack(cfg, deterministic=deterministic, name='layers')(x_BTD, positions_BT)
     else:
       for i in range(cfg.num_layers):
-        x_BTD, _ = block(cfg, deterministic, name=f'layers_{i}')(x_BTD, positions_BT)
+        x_BTD, _ = block(cfg, deterministic=deterministic, name=f'layers_{i}')(x_BTD, positions_BT)
 
-    x_BTD = layers.make_norm(cfg.norm, cfg.norm_eps, cfg.dtype, cfg.param_dtype, 'final_norm')(x_BTD)
+    x_BTD = layers.make_norm(cfg, 'final_norm')(x_BTD)
     if cfg.tie_embeddings:
       logits_BTV = embed.attend(x_BTD)
     else:
-      logits_BTV = layers.Dense(features=(cfg.vocab_size,), in_axes=('embed',),
-                                out_axes=('vocab',), dtype=cfg.dtype,
-                                param_dtype=cfg.param_dtype, name='head')(x_BTD)
+      logits_BTV = layers.Dense((cfg.vocab_size,), in_axes=('embed',), out_axes=('vocab',),
+                                dtype=cfg.dtype, param_dtype=cfg.param_dtype, name='head')(x_BTD)
     return logits_BTV.astype(jnp.float32)
