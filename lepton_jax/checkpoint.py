@@ -1,10 +1,16 @@
-"""Orbax checkpoints of the train state, the data position and what model they hold.
+"""Orbax checkpoints of a run: the train state, the data position, the frozen variables, and a
+description of the model's variables to check a restart against.
 
-Each step directory holds three items: `state` (params, optimizer state, step, rng; sharded
-arrays written by all processes), `data` (each process's data iterator position, one JSON file per
-process: streaming pipelines differ per process) and `meta` (the model config and tokenizer vocab,
-JSON). `meta` lets a restart refuse a workdir that holds a different model before anything is
-written to it.
+A workdir holds `checkpoints/STEP/` with three items: `state` (step, trainable params, optimizer
+state, rng; sharded arrays written by all processes), `data` (each process's data iterator
+position, one JSON file per process: streaming pipelines differ per process) and `meta` (JSON:
+every variable's name, shape, dtype and whether it trains). The frozen variables do not change,
+so they are written once per run, to `frozen/`, not into every step.
+
+`meta` lets a restart refuse a workdir that holds a different model before anything is written
+to it, and lets evaluation, sampling and export restore the model's variables alone (no optimizer
+state read), onto any mesh. Checkpoints written before `meta` described the variables (format 1:
+the state item's params all trained) restore too.
 """
 import json
 from typing import Any
@@ -12,15 +18,50 @@ from typing import Any
 from etils import epath
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from lepton_jax import train_state, tree
+
+FORMAT = 2
+
+
+def describe(abstract_variables: dict, trainable_mask: dict) -> dict:
+  """The `meta` of a checkpoint: name -> shape, dtype and whether it trains, for every variable."""
+  trains = {'params/' + name: flag
+            for name, flag in zip(tree.names(trainable_mask), jax.tree.leaves(trainable_mask))}
+  spec = {name: {'shape': list(leaf.shape), 'dtype': np.dtype(leaf.dtype).name,
+                 'trainable': trains.get(name, False)}
+          for name, leaf in zip(tree.names(abstract_variables), jax.tree.leaves(abstract_variables))}
+  return {'format': FORMAT, 'variables': spec}
+
+
+def first_difference(saved: dict, wanted: dict, same_split: bool) -> str | None:
+  """How the variables described by `saved` and `wanted` first differ, or None."""
+  for name in sorted(saved.keys() | wanted.keys()):
+    if name not in wanted:
+      return f'{name} is in the checkpoint but not in the model'
+    if name not in saved:
+      return f'{name} is in the model but not in the checkpoint'
+    s, w = saved[name], wanted[name]
+    if (s['shape'], s['dtype']) != (w['shape'], w['dtype']):
+      return (f'{name} is {s["dtype"]}{s["shape"]} in the checkpoint but {w["dtype"]}{w["shape"]} '
+              'in the model')
+    if same_split and s['trainable'] != w['trainable']:
+      state = lambda trains: 'trainable' if trains else 'frozen'
+      return (f'{name} is {state(s["trainable"])} in the checkpoint but '
+              f'{state(w["trainable"])} under config.trainable')
+  return None
 
 
 class Checkpointer:
   """Keeps the last `keep` checkpoints of a workdir; saves asynchronously."""
 
-  def __init__(self, directory: str, keep: int):
+  def __init__(self, workdir: str, keep: int):
     self._manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        epath.Path(workdir) / 'checkpoints',
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    self._frozen_dir = epath.Path(workdir) / 'frozen'
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -28,19 +69,35 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def check_compatible(self, meta: dict[str, Any]) -> None:
-    """Raises if the latest checkpoint holds a model different from `meta`."""
+  def saved_variables(self, step: int) -> dict:
+    """The `describe()` variables of checkpoint `step`, also for format-1 checkpoints."""
+    meta = self._meta(step)
+    if meta.get('format') == FORMAT:
+      return meta['variables']
+    # Format 1 held the model config's shape fields; its state item's params all trained.
+    params = ocp.PyTreeCheckpointHandler().metadata(self._item_dir(step, 'state')).tree['params']
+    return {'params/' + name: {'shape': list(leaf.shape), 'dtype': np.dtype(leaf.dtype).name,
+                               'trainable': True}
+            for name, leaf in zip(tree.names(params), jax.tree.leaves(params))}
+
+  def check_compatible(self, meta: dict, same_split: bool) -> None:
+    """Raises if the latest checkpoint holds other variables than `meta` describes (or, with
+    `same_split`, trains other ones), naming the first that differs."""
     step = self.latest_step()
     if step is None:
       return
-    saved = self._manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    diffs = [f'{k}: checkpoint {saved.get(k)!r} vs config {v!r}'
-             for k, v in meta.items() if saved.get(k) != v]
-    if diffs:
-      first = ', '.join(diffs[:3])
+    difference = first_difference(self.saved_variables(step), meta['variables'], same_split)
+    if difference:
       raise ValueError(f'{self._manager.directory} holds a checkpoint (step {step}) of a different '
-                       f'model ({first}); use a new --workdir or restore that config')
+                       f'model: {difference}; use a new --workdir or restore that config')
+
+  def save_frozen(self, frozen: dict) -> None:
+    """Writes the run's frozen variables (once, before the first step checkpoint refers to them)."""
+    if not frozen:
+      return
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(self._frozen_dir, frozen, force=True)
+    checkpointer.wait_until_finished()
 
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator, meta: dict,
            force: bool = False) -> bool:
@@ -48,23 +105,62 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
         meta=ocp.args.JsonSave(meta)), force=force)
 
-  def restore(self, step: int, abstract_state: Any,
+  def restore(self, step: int, layout: train_state.Layout,
               data_iterator: grain.DatasetIterator | None = None,
-              data_state_is_global: bool = False) -> Any:
-    """The state, restored onto `abstract_state`'s shardings; moves `data_iterator` if given.
+              data_state_is_global: bool = False) -> tuple[train_state.TrainState, dict]:
+    """(TrainState, frozen variables) onto `layout`'s shardings; moves `data_iterator` if given.
 
     With `data_state_is_global` (every process saved the same position), the run may resume
     with another number of processes than it saved with.
     """
-    state = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))['state']
+    target = abstract_like(layout.state, layout.state_shardings)
+    fields = {'step': target.step, self._trainable_key(step): target.trainable,
+              'opt_state': target.opt_state, 'rng': target.rng}
+    saved = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(fields)))['state']
+    state = train_state.TrainState(step=saved['step'], trainable=saved[self._trainable_key(step)],
+                                   opt_state=saved['opt_state'], rng=saved['rng'])
     if data_iterator is not None:
       data_iterator.set_state(self._data_state(step, data_state_is_global))
-    return state
+    return state, self._restore_frozen(abstract_like(layout.frozen, layout.frozen_shardings))
+
+  def restore_variables(self, step: int, abstract_variables: dict) -> dict:
+    """The model's whole variables dict from checkpoint `step`, without its optimizer state.
+
+    `abstract_variables` (ShapeDtypeStructs with shardings) says where each array goes; the
+    checkpoint says which of them trained (any optimizer, any mesh).
+    """
+    saved = self.saved_variables(step)
+    trained = tree.map_with_names(lambda name, _: saved['params/' + name]['trainable'],
+                                  abstract_variables['params'])
+    trainable, frozen = train_state.split_variables(abstract_variables, trained)
+    key = self._trainable_key(step)
+    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        {key: trainable}, restore_args=ocp.checkpoint_utils.construct_restore_args({key: trainable}),
+        partial_restore=True)))['state']
+    return tree.merge({'params': restored[key]}, self._restore_frozen(frozen))
+
+  def _restore_frozen(self, abstract_frozen: dict) -> dict:
+    if not abstract_frozen:
+      return {}
+    if not self._frozen_dir.exists():
+      raise FileNotFoundError(f'{self._frozen_dir} is missing: the checkpoints in '
+                              f'{self._manager.directory} need the frozen variables saved there')
+    return ocp.StandardCheckpointer().restore(self._frozen_dir, abstract_frozen)
+
+  def _meta(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def _trainable_key(self, step: int) -> str:
+    """Where the state item holds the trainable params: format 1 called them `params`."""
+    return 'trainable' if self._meta(step).get('format') == FORMAT else 'params'
+
+  def _item_dir(self, step: int, item: str) -> epath.Path:
+    return epath.Path(self._manager.directory) / str(step) / item
 
   def _data_state(self, step: int, data_state_is_global: bool) -> dict:
     """This process's saved data position, from the file grain's handler wrote for it."""
-    directory = epath.Path(self._manager.directory) / str(step) / 'data'
+    directory = self._item_dir(step, 'data')
     count = jax.process_count()
     own = directory / f'process_{jax.process_index()}-of-{count}.json'
     saved = sorted(directory.glob('process_*.json'))
@@ -80,6 +176,6 @@ class Checkpointer:
     self._manager.close()
 
 
-def abstract_like(tree: Any, shardings: Any) -> Any:
+def abstract_like(tree_: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+                      tree_, shardings)

@@ -6,6 +6,9 @@ values down.
 """
 import ml_collections
 
+from lepton_jax import data, optim
+from lepton_jax.model import attention, layers, transformer
+
 # Logical axis -> mesh axes (t5x/MaxText style). Three shipped sets; pick one in a config with
 # `config.mesh.rules = config_lib.RULE_SETS[name]` or write your own table.
 # Names every set leaves whole: splitting these would cut a head, a sequence or the layer stack.
@@ -81,6 +84,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_batches = 8
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
+  # Params that train: regular expressions over param names such as 'layers_0/attn/query/kernel'
+  # ('layers/...' with scan_layers); a param trains if any matches its whole name. The others,
+  # and every variable outside `params`, are frozen: read, never given a gradient or an
+  # optimizer state, and checkpointed once per run.
+  config.trainable = ('.*',)
+  # A step whose loss, gradient norm or update is not finite. stop: the run ends with an error
+  # naming it, before its state is saved (the checkpoint before it stays the latest). skip: the
+  # update is dropped, counted (train/skipped_steps), and the run ends after
+  # max_consecutive_skips such steps in a row.
+  config.nonfinite = 'stop'
+  config.max_consecutive_skips = 10
 
   config.model = model_config()
 
@@ -175,21 +189,24 @@ def llama_c4_pretraining(slice_mesh: dict, batch_size: int,
   return config
 
 
+# Names come from the tables that the implementing code dispatches on.
 CHOICES = {
-    'model.mlp': ('swiglu', 'geglu', 'gelu', 'relu'),
-    'model.norm': ('rmsnorm', 'layernorm'),
-    'model.positions': ('rope', 'learned', 'none'),
-    'model.attention': ('xla', 'dot_product', 'cudnn'),
-    'model.remat': ('none', 'full', 'dots', 'dots_no_batch'),
-    'model.param_dtype': ('float32', 'bfloat16'),
-    'model.dtype': ('float32', 'bfloat16'),
-    'data.source': ('stdlib', 'text', 'tfds'),
-    'data.tokenizer': ('sentencepiece', 'bytes'),
-    'optimizer.name': ('adamw', 'adafactor', 'sgd'),
-    'optimizer.schedule': ('cosine', 'linear', 'wsd'),
+    'model.mlp': tuple(transformer.ACTIVATIONS),
+    'model.norm': tuple(layers.NORMS),
+    'model.positions': transformer.POSITIONS,
+    'model.attention': attention.IMPLEMENTATIONS,
+    'model.remat': ('none', *transformer.REMAT_POLICIES),
+    'model.param_dtype': transformer.DTYPES,
+    'model.dtype': transformer.DTYPES,
+    'data.source': tuple(data.SOURCES),
+    'data.tokenizer': tuple(data.TOKENIZERS),
+    'optimizer.name': optim.OPTIMIZERS,
+    'optimizer.schedule': optim.SCHEDULES,
+    'nonfinite': ('stop', 'skip'),  # What train.NonFiniteGuard does with a non-finite step.
 }
 POSITIVE = ('total_steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every_steps',
-            'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'model.d_model',
+            'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+            'max_consecutive_skips', 'model.d_model',
             'model.num_layers', 'model.num_heads', 'model.num_kv_heads', 'model.head_dim',
             'model.d_ff', 'model.max_seq_len', 'data.read_threads')
 

@@ -1,6 +1,7 @@
 """Multi-host start-up: join this process to the others through JAX's own distributed runtime.
 
-train.py calls `initialize()` once, before any other JAX use. It picks one of three modes:
+Entry points call `initialize()` once, before any other JAX use, with the values of the
+multi-host flags (lepton_jax/cli.py). It picks one of three modes:
 
   flags     --coordinator_address, --num_processes and --process_id are all given: join that
             cluster (a localhost CPU test, or any cluster JAX does not detect by itself).
@@ -13,21 +14,8 @@ import pathlib
 import urllib.request
 from collections.abc import Mapping
 
-from absl import flags
 from absl import logging
 import jax
-
-_COORDINATOR_ADDRESS = flags.DEFINE_string(
-    'coordinator_address', None, 'host:port of process 0, e.g. 10.0.0.2:1234.')
-_NUM_PROCESSES = flags.DEFINE_integer(
-    'num_processes', None, 'Number of processes in the job.', lower_bound=1)
-_PROCESS_ID = flags.DEFINE_integer(
-    'process_id', None, 'Index of this process, 0 .. num_processes - 1.', lower_bound=0)
-_CPU_DEVICES = flags.DEFINE_integer(
-    'cpu_devices', None, 'CPU-only runs: split this host into N JAX devices (e.g. one per core). '
-    'XLA:CPU runs devices concurrently, so the many small ops of a small model, which one device '
-    'runs one after another, spread over the cores; the mesh and the losses are unchanged in '
-    'meaning (data=-1 takes all N).', lower_bound=1)
 
 # The variables JAX's own cluster detection reads for each launcher (jax/_src/clusters). We only
 # decide *whether* to join; JAX reads their values.
@@ -37,23 +25,23 @@ _OPENMPI_VARS = ('OMPI_MCA_orte_hnp_uri', 'OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WOR
 _GCE_METADATA_URL = 'http://metadata.google.internal/computeMetadata/v1/instance/attributes/'
 
 
-def initialize() -> str:
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, cpu_devices: int | None = None) -> str:
   """Joins the multi-process job this process belongs to, if any; returns the mode chosen.
 
-  Call before any other JAX use: it starts the backend to log the device counts.
+  `cpu_devices` splits a CPU host into that many JAX devices. Call before any other JAX use: it
+  starts the backend to log the device counts.
   """
-  if _CPU_DEVICES.value:
-    jax.config.update('jax_num_cpu_devices', _CPU_DEVICES.value)
-  mode = detect_mode(
-      _COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value, os.environ)
+  if cpu_devices:
+    jax.config.update('jax_num_cpu_devices', cpu_devices)
+  mode = detect_mode(coordinator_address, num_processes, process_id, os.environ)
   if mode != 'single':
     # Cross-process collectives on the CPU backend need an implementation. gloo is today's
     # default; pinning it keeps CPU clusters working whatever the default becomes. It does not
     # touch the TPU or GPU backends.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if mode == 'flags':
-    jax.distributed.initialize(
-        _COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif mode != 'single':
     jax.distributed.initialize()
   logging.info(

@@ -1,43 +1,35 @@
-"""What a run is built from, given its config and workdir: shared by training and sampling."""
+"""What a run is built from, given its config and workdir: shared by training, sampling and every
+tool that reads a run (tokenizer, model, checkpoints, and the check that they agree)."""
 import dataclasses
-import os
 
 import ml_collections
-import optax
 
-from lepton_jax import checkpoint, config_lib, data, optim
+from lepton_jax import checkpoint, config_lib, data, sharding, train_state
 from lepton_jax.model import ModelConfig, Transformer
-
-# Model fields that change parameter shapes or the parameter tree: a checkpoint only restores
-# into a model that agrees on all of them.
-SHAPE_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
-                'd_ff', 'mlp', 'norm', 'positions', 'qkv_bias', 'out_bias', 'mlp_bias',
-                'tie_embeddings', 'qk_norm', 'scan_layers', 'param_dtype')
 
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   tokenizer: data.Tokenizer
-  model_config: ml_collections.ConfigDict  # config.model with vocab_size resolved.
+  model_config: ModelConfig  # config.model with vocab_size resolved.
   model: Transformer
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
   checkpointer: checkpoint.Checkpointer
-  meta: dict  # SHAPE_FIELDS of the model, saved with every checkpoint.
+  meta: dict  # checkpoint.describe() of the model's variables, saved with every checkpoint.
 
 
-def build(config: ml_collections.ConfigDict, workdir: str,
+def build(config: ml_collections.ConfigDict, workdir: str, same_split: bool,
           train_tokenizer: bool = True) -> Experiment:
-  """Tokenizer (trained into the workdir if needed and allowed), model, optimizer and checkpoints.
+  """Tokenizer (trained into the workdir if needed and allowed), model and checkpoints.
 
-  Raises if the workdir's latest checkpoint holds a different model, before anything is written.
+  Raises if the workdir's latest checkpoint holds other variables than this model (or, with
+  `same_split`, as for resuming training, trains other ones), before anything is written.
   """
   tokenizer = data.build_tokenizer(config.data, workdir, train_if_missing=train_tokenizer)
-  model_config = config_lib.resolve_vocab(config.model, tokenizer)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-  meta = {k: model_config[k] for k in SHAPE_FIELDS}
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                         config.keep_checkpoints)
-  checkpointer.check_compatible(meta)
-  return Experiment(tokenizer, model_config, Transformer(ModelConfig.from_config(model_config)),
-                    tx, schedule, checkpointer, meta)
+  model_config = ModelConfig.from_config(config_lib.resolve_vocab(config.model, tokenizer))
+  model = Transformer(model_config)
+  variables = sharding.unbox_abstract(train_state.boxed_variables(model, config.seq_len))
+  mask = train_state.trainable_mask(variables['params'], config.trainable)
+  meta = checkpoint.describe(variables, mask)
+  checkpointer = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+  checkpointer.check_compatible(meta, same_split)
+  return Experiment(tokenizer, model_config, model, checkpointer, meta)

@@ -1,7 +1,16 @@
 """Optimizer and learning-rate schedule from `config.optimizer`."""
-import jax
 import ml_collections
 import optax
+
+from lepton_jax import tree
+
+OPTIMIZERS = ('adamw', 'adafactor', 'sgd')
+SCHEDULES = ('cosine', 'linear', 'wsd')
+# Param names (see lepton_jax/tree.py) that weight decay acts on: matmul kernels; with
+# `decay_embeddings` the token and position tables too. Norm scales and biases never decay, and a
+# new leaf (an int8 `scale`, an adapter) decays only if a pattern names it.
+DECAYED = (r'(.*/)?kernel',)
+EMBEDDINGS = (r'(.*/)?embedding', r'(.*/)?pos_embedding')
 
 
 def make_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -20,15 +29,13 @@ def make_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
          optax.linear_schedule(peak, floor, max(opt.cooldown_steps, 1))],
         [stable_steps])
   else:
-    raise ValueError(f'config.optimizer.schedule={opt.schedule!r}: expected cosine, linear or wsd')
+    raise ValueError(f'config.optimizer.schedule={opt.schedule!r}: expected one of {SCHEDULES}')
   return optax.join_schedules([warmup, decay], [opt.warmup_steps])
 
 
 def decay_mask(params, decay_embeddings: bool):
-  """True for matmul kernels (and embeddings if asked); norms and biases never decay."""
-  decayed = {'kernel'} | ({'embedding', 'pos_embedding'} if decay_embeddings else set())
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], 'key', None) in decayed, params)
+  """True for the params that weight decay acts on, chosen by path pattern."""
+  return tree.mask(params, DECAYED + (EMBEDDINGS if decay_embeddings else ()))
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int):
@@ -45,6 +52,6 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int):
     core = optax.chain(optax.add_decayed_weights(opt.weight_decay, mask),
                        optax.sgd(schedule, momentum=opt.momentum))
   else:
-    raise ValueError(f'config.optimizer.name={opt.name!r}: expected adamw, adafactor or sgd')
+    raise ValueError(f'config.optimizer.name={opt.name!r}: expected one of {OPTIMIZERS}')
   clip = [optax.clip_by_global_norm(opt.clip_norm)] if opt.clip_norm else []
   return optax.chain(*clip, core), schedule

@@ -5,8 +5,9 @@ mesh axes. The mesh uses Auto axis types: the model stays GSPMD-style (XLA propa
 between the few `with_logical_constraint` points), which keeps the Flax linen code free of
 sharding arguments.
 """
+import contextlib
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -64,6 +65,13 @@ def make_mesh(mesh_config: ml_collections.ConfigDict,
   if devices == jax.devices():
     return jax.make_mesh(ici_shape, MESH_AXES, axis_types=axis_types)
   return Mesh(np.asarray(devices).reshape(ici_shape), MESH_AXES, axis_types=axis_types)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[None]:
+  """Within: `mesh` is the current mesh and `rules` map the model's logical axis names to it."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+    yield
 
 
 def validate_rules(rules: Rules) -> None:

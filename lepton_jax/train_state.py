@@ -1,4 +1,18 @@
-"""The train state: what it holds, how it is initialised, and where each leaf lives on the mesh."""
+"""The train state: what it holds, how it is initialised, and where each leaf lives on the mesh.
+
+The model reads a whole variables dict (`params` and any other collection). Training splits it in
+two by `config.trainable` (path patterns over param names, lepton_jax/tree.py):
+
+  TrainState.trainable  the params that train: differentiated, optimized, accumulated, and
+                        saved with every checkpoint together with their optimizer state;
+  frozen                every other variable (frozen params, other collections): an argument of
+                        the step that is read, never given a gradient or an optimizer moment,
+                        and saved once per run (checkpoint.Checkpointer.save_frozen).
+
+Full training is the case where every param matches and `frozen` is empty. Only params train:
+other collections (a KV cache, quantized weights, masks) are frozen by nature.
+"""
+import dataclasses
 import functools
 from typing import Any
 
@@ -8,55 +22,101 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lepton_jax import sharding, steps
+from lepton_jax import sharding, steps, tree
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # int32 scalar: optimizer steps taken.
-  params: Any
+  trainable: Any  # The trainable params (a nested dict under the 'params' collection).
   opt_state: Any
   rng: jax.Array  # uint32 key data; step keys are fold_in(key, step), so resume is exact.
 
 
-def abstract_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rules, seq_len):
-  """Abstract TrainState and its shardings, derived from the params' logical axis names."""
-  tokens = jnp.zeros((1, seq_len), jnp.int32)
-  boxed_params = jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
-  param_sharding = sharding.param_shardings(boxed_params, mesh, rules)
-  params = sharding.unbox_abstract(boxed_params)
-  opt_state = jax.eval_shape(tx.init, params)
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Abstract values and shardings of everything a run holds on the mesh."""
+  variables: dict  # ShapeDtypeStructs of the model's whole variables dict.
+  variable_shardings: dict
+  trainable_mask: dict  # Over variables['params']: True where the param trains.
+  state: TrainState  # ShapeDtypeStructs.
+  state_shardings: TrainState
+  frozen: dict  # ShapeDtypeStructs of the frozen variables.
+  frozen_shardings: dict
+
+  def split(self, variables: dict) -> tuple[dict, dict]:
+    return split_variables(variables, self.trainable_mask)
+
+
+def split_variables(variables: dict, trainable_mask: dict) -> tuple[dict, dict]:
+  """A variables dict (or a tree shaped like one) -> (trainable params, frozen variables)."""
+  trainable, frozen_params = tree.partition(variables['params'], trainable_mask)
+  others = {k: v for k, v in variables.items() if k != 'params'}
+  return trainable, tree.merge({'params': frozen_params} if frozen_params else {}, others)
+
+
+def boxed_variables(model: nn.Module, seq_len: int) -> dict:
+  """Every variable `model.init` creates, abstract and boxed with its logical axis names."""
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))
+
+
+def abstract_variables(model: nn.Module, mesh, rules, seq_len: int) -> tuple[dict, dict]:
+  """(ShapeDtypeStructs, NamedShardings) of every variable `model.init` creates."""
+  boxed = boxed_variables(model, seq_len)
+  return sharding.unbox_abstract(boxed), sharding.param_shardings(boxed, mesh, rules)
+
+
+def trainable_mask(params: Any, patterns) -> Any:
+  return tree.mask(params, patterns, what='config.trainable')
+
+
+def make_layout(model: nn.Module, tx: optax.GradientTransformation, mesh, rules, seq_len: int,
+           trainable_patterns) -> Layout:
+  """The abstract TrainState and frozen variables, and their shardings, from the model's logical
+  axis names and `trainable_patterns`."""
+  variables, variable_shardings = abstract_variables(model, mesh, rules, seq_len)
+  mask = trainable_mask(variables['params'], trainable_patterns)
+  trainable, frozen = split_variables(variables, mask)
+  trainable_shardings, frozen_shardings = split_variables(variable_shardings, mask)
+  opt_state = jax.eval_shape(tx.init, trainable)
   is_sharding = lambda x: isinstance(x, jax.sharding.NamedSharding)
   replicated = sharding.replicated(mesh)
   # Moments mirror their param's sharding; factored (lower-rank) moments and counters replicate.
   opt_sharding = optax.tree_map_params(
       tx, lambda leaf, s: s if leaf.ndim == len(s.spec) else replicated,
-      opt_state, param_sharding, transform_non_params=lambda _: replicated, is_leaf=is_sharding)
-  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                        opt_state=opt_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-  shardings = TrainState(step=replicated, params=param_sharding, opt_state=opt_sharding,
-                         rng=replicated)
-  return abstract, shardings
+      opt_state, trainable_shardings, transform_non_params=lambda _: replicated,
+      is_leaf=is_sharding)
+  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=trainable,
+                     opt_state=opt_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  state_shardings = TrainState(step=replicated, trainable=trainable_shardings,
+                               opt_state=opt_sharding, rng=replicated)
+  return Layout(variables, variable_shardings, mask, state, state_shardings, frozen,
+                frozen_shardings)
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, seq_len: int,
-               shardings: TrainState) -> TrainState:
-  """A fresh TrainState, initialised under jit straight into `shardings` (no host holds it all)."""
-  def init(model, tx, seed, seq_len):
+               layout: Layout) -> tuple[TrainState, dict]:
+  """A fresh (TrainState, frozen variables), initialised under jit straight into their shardings
+  (no host ever holds the whole model)."""
+  def init():
     params_key, dropout_key = jax.random.split(jax.random.key(seed))
-    params = nn.unbox(model.init(params_key, jnp.zeros((1, seq_len), jnp.int32))['params'])
-    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(dropout_key))
+    variables = nn.unbox(model.init(params_key, jnp.zeros((1, seq_len), jnp.int32)))
+    trainable, frozen = layout.split(variables)
+    state = TrainState(step=jnp.int32(0), trainable=trainable, opt_state=tx.init(trainable),
+                       rng=jax.random.key_data(dropout_key))
+    return state, frozen
 
-  return jax.jit(init, static_argnums=(0, 1, 2, 3), out_shardings=shardings)(
-      model, tx, seed, seq_len)
+  return jax.jit(init, out_shardings=(layout.state_shardings, layout.frozen_shardings))()
 
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                   config, state_sharding, batch_sharding):
-  """The train step jitted with explicit shardings; the old state's buffers are donated."""
+                   config, layout: Layout, batch_sharding):
+  """`step(state, frozen, batch) -> (state, metrics)` jitted with explicit shardings; the old
+  state's buffers are donated, the frozen variables only read."""
   step_fn = functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
-                              grad_accum_steps=config.grad_accum_steps, z_loss=config.z_loss)
-  return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, sharding.replicated(state_sharding.step.mesh)),
-                 donate_argnums=0)
+                              grad_accum_steps=config.grad_accum_steps, z_loss=config.z_loss,
+                              skip_nonfinite=config.nonfinite == 'skip')
+  replicated = sharding.replicated(layout.state_shardings.step.mesh)
+  return jax.jit(step_fn,
+                 in_shardings=(layout.state_shardings, layout.frozen_shardings, batch_sharding),
+                 out_shardings=(layout.state_shardings, replicated), donate_argnums=0)

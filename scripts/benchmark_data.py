@@ -14,13 +14,11 @@ train split; with `--config.data.streaming=True` tokenizing happens as batches a
 import json
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from lepton_jax import config_lib, data
+from lepton_jax import cli, config_lib, data
 
-config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
-flags.DEFINE_string('workdir', '/tmp/lepton_benchmark', 'Where a trained tokenizer is cached.')
+cli.define_flags()
 flags.DEFINE_integer('batches', 50, 'Batches timed after the first.')
 flags.DEFINE_integer('process_count', 1, 'Processes sharing each global batch (hosts).')
 
@@ -29,7 +27,8 @@ def main(argv):
   del argv
   config = flags.FLAGS.config
   config_lib.validate(config)
-  tokenizer = data.build_tokenizer(config.data, flags.FLAGS.workdir)
+  # --workdir: where a trained tokenizer is cached.
+  tokenizer = data.build_tokenizer(config.data, flags.FLAGS.workdir or '/tmp/lepton_benchmark')
   start = time.perf_counter()
   iterator = data.make_train_iterator(config, tokenizer, 0, flags.FLAGS.process_count)
   first = next(iterator)
@@ -51,5 +50,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main)

@@ -16,79 +16,80 @@ import json
 import statistics
 import time
 
-from absl import app, flags
-import flax.linen as nn
+from absl import flags
 import jax
 import numpy as np
-from ml_collections import config_flags
 
-from lepton_jax import config_lib, data, distributed, flops, optim, sharding, steps, train_state
+from lepton_jax import cli, config_lib, data, flops, optim, sharding, steps, train_state
 from lepton_jax.model import ModelConfig, Transformer
 
-config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+cli.define_flags()
 flags.DEFINE_integer('steps', 20, 'Timed steps per repeat.')
 flags.DEFINE_integer('repeats', 5, 'Timed repeats; the median is reported.')
 flags.DEFINE_enum('part', 'step', ['step', 'fwd_bwd', 'fwd'],
                   'What to time: the train step, only the loss and gradients, or only the loss.')
-flags.DEFINE_string('workdir', '/tmp/lepton_benchmark', 'Where a trained tokenizer is cached '
-                    '(only when config.model.vocab_size is 0).')
+DEFAULT_WORKDIR = '/tmp/lepton_benchmark'  # Where a trained tokenizer is cached (vocab_size 0).
 
 
 def resolved_model_config(config):
   if config.model.vocab_size:
     return config.model
-  return config_lib.resolve_vocab(config.model, data.build_tokenizer(config.data, flags.FLAGS.workdir))
+  workdir = flags.FLAGS.workdir or DEFAULT_WORKDIR
+  return config_lib.resolve_vocab(config.model, data.build_tokenizer(config.data, workdir))
 
 
-def jit_part(part: str, model, config, state_sharding, batch_sharding):
-  """(state, batch) -> (state, output): the step's loss (fwd), or its gradients (fwd_bwd)."""
-  def loss(params, batch):
-    return steps.summed_loss(params, model, batch, jax.random.key(config.seed), config.z_loss,
+def jit_part(part: str, model, config, layout: train_state.Layout, batch_sharding):
+  """(state, frozen, batch) -> (state, output): the step's loss (fwd), or its gradients
+  (fwd_bwd, with respect to the trainable params)."""
+  def loss(trainable, frozen, batch):
+    return steps.summed_loss(steps.model_variables(trainable, frozen), model, batch,
+                             jax.random.key(config.seed), config.z_loss,
                              deterministic=model.cfg.dropout == 0.0)[0]
 
+  state_shardings = layout.state_shardings
   compute, out_sharding = {
-      'fwd': (loss, sharding.replicated(state_sharding.step.mesh)),
-      'fwd_bwd': (jax.grad(loss), state_sharding.params),  # Gradients placed as the step's.
+      'fwd': (loss, sharding.replicated(state_shardings.step.mesh)),
+      'fwd_bwd': (jax.grad(loss), state_shardings.trainable),  # Gradients placed as the step's.
   }[part]
-  jitted = jax.jit(compute, in_shardings=(state_sharding.params, batch_sharding),
+  jitted = jax.jit(compute, in_shardings=(state_shardings.trainable, layout.frozen_shardings,
+                                          batch_sharding),
                    out_shardings=out_sharding)
-  return lambda state, batch: (state, jitted(state.params, batch))
+  return lambda state, frozen, batch: (state, jitted(state.trainable, frozen, batch))
 
 
 def main(argv):
   del argv
-  distributed.initialize()
+  cli.initialize_distributed()
   config = flags.FLAGS.config
   config_lib.validate(config)
-  model_config = resolved_model_config(config)
-  model = Transformer(ModelConfig.from_config(model_config))
+  model_config = ModelConfig.from_config(resolved_model_config(config))
+  model = Transformer(model_config)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   mesh = sharding.make_mesh(config.mesh)
   rules = config.mesh.rules
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
-    _, state_sharding = train_state.abstract_state(model, tx, mesh, rules, config.seq_len)
+  with sharding.use_mesh(mesh, rules):
+    layout = train_state.make_layout(model, tx, mesh, rules, config.seq_len, config.trainable)
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    state = train_state.init_state(model, tx, config.seed, config.seq_len, state_sharding)
+    state, frozen = train_state.init_state(model, tx, config.seed, config.seq_len, layout)
     if flags.FLAGS.part == 'step':
-      step_fn = train_state.jit_train_step(model, tx, schedule, config, state_sharding,
-                                           batch_sharding)
+      step_fn = train_state.jit_train_step(model, tx, schedule, config, layout, batch_sharding)
     else:
-      step_fn = jit_part(flags.FLAGS.part, model, config, state_sharding, batch_sharding)
+      step_fn = jit_part(flags.FLAGS.part, model, config, layout, batch_sharding)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model_config.vocab_size, (config.batch_size, config.seq_len + 1),
                           dtype=np.int32)
     batch = jax.device_put({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}, batch_sharding)
 
     compile_start = time.perf_counter()
-    state, metrics = step_fn(state, batch)
+    state, metrics = step_fn(state, frozen, batch)
     jax.block_until_ready(metrics)
     compile_seconds = time.perf_counter() - compile_start
     step_seconds = []
     for _ in range(flags.FLAGS.repeats):
       start = time.perf_counter()
       for _ in range(flags.FLAGS.steps):
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, frozen, batch)
       jax.block_until_ready(metrics)
       step_seconds.append((time.perf_counter() - start) / flags.FLAGS.steps)
 
@@ -113,5 +114,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main)

@@ -17,20 +17,18 @@ import math
 import sys
 
 from absl import app, flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 from jax.experimental import topologies
-from ml_collections import config_flags
 
-from lepton_jax import checkpoint, optim, sharding, train_state
+from lepton_jax import checkpoint, cli, optim, sharding, train_state
 from lepton_jax.data import tokenizers
 from lepton_jax.model import ModelConfig, Transformer
 
 import collectives  # scripts/, beside this file.
 
-config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+cli.define_flags()
 _NUM_DEVICES = flags.DEFINE_integer(
     'num_devices', None, 'Devices to simulate; default: the product of the mesh axis sizes.')
 _TOPOLOGY = flags.DEFINE_string(
@@ -49,21 +47,22 @@ def model_with_vocab(config: ml_collections.ConfigDict) -> Transformer:
 
 
 def compile_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device]):
-  """-> (compiled train step, abstract TrainState, its shardings), compiled from shapes only."""
+  """-> (compiled train step, its train_state.Layout), compiled from shapes only."""
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = config.mesh.rules
   model = model_with_vocab(config)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-  # Outside the mesh context: abstract_state makes a dummy input on the default (CPU) device.
-  abstract, shardings = train_state.abstract_state(model, tx, mesh, rules, config.seq_len)
+  # Outside the mesh context: make_layout makes a dummy input on the default (CPU) device.
+  layout = train_state.make_layout(model, tx, mesh, rules, config.seq_len, config.trainable)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32,
                                 sharding=batch_sharding)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
-    step_fn = train_state.jit_train_step(model, tx, schedule, config, shardings, batch_sharding)
-    compiled = step_fn.lower(checkpoint.abstract_like(abstract, shardings),
+  with sharding.use_mesh(mesh, rules):
+    step_fn = train_state.jit_train_step(model, tx, schedule, config, layout, batch_sharding)
+    compiled = step_fn.lower(checkpoint.abstract_like(layout.state, layout.state_shardings),
+                             checkpoint.abstract_like(layout.frozen, layout.frozen_shardings),
                              {'inputs': tokens, 'targets': tokens}).compile()
-  return compiled, abstract, shardings
+  return compiled, layout
 
 
 def shard_bytes(abstract, shardings) -> int:
@@ -72,15 +71,17 @@ def shard_bytes(abstract, shardings) -> int:
   return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in leaves)
 
 
-def memory_report(compiled, abstract, shardings) -> dict[str, int]:
+def memory_report(compiled, layout: train_state.Layout) -> dict[str, int]:
   """Per-device bytes: exact state shards, the compiled step's scratch, and its peak."""
   analysis = compiled.memory_analysis()
-  params = shard_bytes(abstract.params, shardings.params)
-  opt_state = shard_bytes(abstract.opt_state, shardings.opt_state)
+  params = shard_bytes(layout.state.trainable, layout.state_shardings.trainable)
+  frozen = shard_bytes(layout.frozen, layout.frozen_shardings)
+  opt_state = shard_bytes(layout.state.opt_state, layout.state_shardings.opt_state)
   return {
-      'params': params,
+      'trainable params': params,
+      'frozen variables': frozen,
       'optimizer state': opt_state,
-      'batch and scalars': analysis.argument_size_in_bytes - params - opt_state,
+      'batch and scalars': analysis.argument_size_in_bytes - params - frozen - opt_state,
       # Gradients, activations kept for the backward pass and XLA's scratch, every buffer
       # counted once as if all were live together: an upper bound on what they add.
       'gradients, activations, temps': analysis.temp_size_in_bytes,
@@ -123,16 +124,16 @@ def main(argv):
   config = flags.FLAGS.config
   devices = target_devices(config.mesh)
   try:
-    compiled, abstract, shardings = compile_train_step(config, devices)
+    compiled, layout = compile_train_step(config, devices)
   except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses a program that cannot fit.
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
     sys.exit(f'does not fit on {mesh_description(config, devices)}: {str(e).splitlines()[0]}')
-  num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+  num_params = sum(x.size for x in jax.tree.leaves(layout.variables['params']))
   print(f'{num_params / 1e9:.3f}B parameters, batch {config.batch_size} x {config.seq_len}, '
         f'mesh {mesh_description(config, devices)}')
   print(f'{"per device":32s} {"bytes":>16s} {"GiB":>8s}')
-  for name, size in memory_report(compiled, abstract, shardings).items():
+  for name, size in memory_report(compiled, layout).items():
     print(f'{name:32s} {size:16,d} {size / 2**30:8.3f}')
   if _COLLECTIVES.value:
 
@@ -140,5 +141,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main)

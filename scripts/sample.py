@@ -6,25 +6,24 @@
 `config.sample` sets the prompt, length, temperature and top-k; `--samples` draws several, each
 with its own seed.
 """
-from absl import app, flags
+from absl import flags
 
-from lepton_jax import sample, train
+from lepton_jax import cli, sample
 
 flags.DEFINE_integer('step', None, 'Checkpoint step to load (default: the latest).')
 flags.DEFINE_integer('samples', 1, 'How many samples to draw.')
 
 
 def main(argv):
-  config = flags.FLAGS.config
-  with train.command_line('sample', argv):
-    model, params, tokenizer = sample.load(config, flags.FLAGS.workdir, flags.FLAGS.step)
-  for index in range(flags.FLAGS.samples):
-    text = sample.sample_text(model, params, tokenizer, config.sample.prompt,
+  config = cli.FLAGS.config
+  with cli.command_line('sample', argv):
+    model, variables, tokenizer = sample.load(config, cli.FLAGS.workdir, cli.FLAGS.step)
+  for index in range(cli.FLAGS.samples):
+    text = sample.sample_text(model, variables, tokenizer, config.sample.prompt,
                               config.sample.num_tokens, config.sample.temperature,
                               config.sample.top_k, config.seq_len, config.seed + index)
     print(f'--- sample {index} ---\n{text}', flush=True)
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(main, flags_parser=train.parse_flags)
+  cli.run(main)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from lepton_jax import config_lib, optim, sharding, train_state
+from lepton_jax import config_lib, sharding, train_state
 from lepton_jax.model import ModelConfig, Transformer
 
 CONFIG_NAMES = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / 'configs').glob('*.py')
@@ -33,20 +33,20 @@ def test_llama_1b_builds_abstractly_and_shards_over_fsdp():
   config = importlib.import_module('configs.llama_1b').get_config('v5e-16')
   config.mesh.update(data=1, fsdp=8, tensor=1)  # The 8 simulated devices stand in for the slice.
   model = Transformer(ModelConfig.from_config(config.model))
-  tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
   mesh = sharding.make_mesh(config.mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(list(config.mesh.rules)):
-    abstract, shardings = train_state.abstract_state(model, tx, mesh, config.mesh.rules,
-                                                     config.seq_len)
-  num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+  with sharding.use_mesh(mesh, config.mesh.rules):
+    abstract, shardings = train_state.abstract_variables(model, mesh, config.mesh.rules,
+                                                         config.seq_len)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract['params']))
   assert 1.0e9 < num_params < 1.3e9
-  assert abstract.params['layers']['mlp']['up']['kernel'].shape == (22, 2048, 5632)  # scanned
-  assert shardings.params['layers']['mlp']['up']['kernel'].spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor')
+  up = lambda tree: tree['params']['layers']['mlp']['up']['kernel']
+  assert up(abstract).shape == (22, 2048, 5632)  # scanned
+  assert up(shardings).spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor')
   per_device_bytes = sum(
       math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
-      for x, s in zip(jax.tree.leaves(abstract.params), jax.tree.leaves(shardings.params)))
+      for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
   assert per_device_bytes < 4 * num_params / 8 * 1.01
-  logits = jax.eval_shape(model.apply, {'params': abstract.params},
+  logits = jax.eval_shape(model.apply, abstract,
                           jax.ShapeDtypeStruct((2, config.seq_len), jnp.int32))
   assert logits.shape == (2, config.seq_len, config.model.vocab_size)
 

@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-from absl import flags
-from absl.testing import flagsaver
 import portpicker
 import pytest
 
@@ -26,14 +24,10 @@ _OPENMPI_JOB = dict(OMPI_MCA_orte_hnp_uri='1234.0;tcp://10.0.0.1:5678', OMPI_COM
 
 @pytest.fixture(autouse=True)
 def clean_cluster_env(monkeypatch):
-  """No launcher variables, no metadata server, parsed flags at their defaults."""
+  """No launcher variables, no metadata server."""
   for var in _CLUSTER_VARS:
     monkeypatch.delenv(var, raising=False)
   monkeypatch.setattr(distributed, '_gce_metadata', lambda attribute: None)
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  with flagsaver.flagsaver():
-    yield
 
 
 @pytest.fixture
@@ -56,8 +50,7 @@ def test_no_flags_and_no_cluster_is_single_process(init_calls):
 
 
 def test_flags_join_the_given_coordinator(init_calls):
-  with flagsaver.flagsaver(coordinator_address='10.0.0.2:1234', num_processes=4, process_id=3):
-    assert distributed.initialize() == 'flags'
+  assert distributed.initialize('10.0.0.2:1234', num_processes=4, process_id=3) == 'flags'
   assert init_calls == [(('10.0.0.2:1234', 4, 3), {})]
 
 
@@ -127,10 +120,11 @@ import json, sys
 from absl import flags
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from lepton_jax import distributed
+from lepton_jax import cli, distributed
 
+cli.define_flags()
 flags.FLAGS(sys.argv)
-mode = distributed.initialize()
+mode = cli.initialize_distributed()
 mesh = jax.make_mesh((jax.device_count(),), ('data',))
 local_x = np.arange(4, dtype=np.float32) + 4 * jax.process_index()
 x = jax.make_array_from_process_local_data(NamedSharding(mesh, P('data')), local_x)
@@ -166,8 +160,9 @@ def test_two_processes_on_localhost_reduce_one_global_array():
 
 
 def test_cpu_devices_flag_splits_the_host():
-  code = ('import sys; from absl import flags; import jax; from lepton_jax import distributed; '
-          'flags.FLAGS(sys.argv); distributed.initialize(); print(jax.device_count())')
+  code = ('import sys; from absl import flags; import jax; from lepton_jax import cli; '
+          'cli.define_flags(); flags.FLAGS(sys.argv); cli.initialize_distributed(); '
+          'print(jax.device_count())')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   result = subprocess.run([sys.executable, '-c', code, '--cpu_devices=3'], env=env,
                           capture_output=True, text=True, timeout=120)

@@ -44,11 +44,11 @@ def test_fsdp_over_16_simulated_devices_holds_a_sixteenth_of_the_params():
                           jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
   num_params = sum(x.size for x in jax.tree.leaves(params))
   rows = report_bytes(result.stdout)
-  assert rows['params'] == 4 * num_params // 16
+  assert rows['trainable params'] == 4 * num_params // 16 and rows['frozen variables'] == 0
   # AdamW's two moments, sharded like the params, and replicated int32 step counts.
-  assert 0 < rows['optimizer state'] - 2 * rows['params'] <= 16
+  assert 0 < rows['optimizer state'] - 2 * rows['trainable params'] <= 16
   assert rows['gradients, activations, temps'] > 0
-  assert rows['peak'] > rows['params'] + rows['optimizer state']
+  assert rows['peak'] > rows['trainable params'] + rows['optimizer state']
   assert 'all-gather' in result.stdout  # FSDP gathers each layer's weights.
 
 

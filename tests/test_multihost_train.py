@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import portpicker
 
-from tests.test_train import TEXT
+from tests.conftest import TEXT
 
 REPO = pathlib.Path(__file__).parent.parent
 # Params split over fsdp=4, across both processes; the batch over data x fsdp = all 8 devices.

@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from lepton_jax import data, sample, steps, train
-from tests.test_train import read_metrics, tiny_config
+from tests.conftest import read_metrics, tiny_config
 
 REPO = pathlib.Path(__file__).parent.parent
 
@@ -23,24 +23,24 @@ def trained(tmp_path_factory):
   return config, workdir
 
 
-def eval_loss(config, model, params, tokenizer) -> float:
+def eval_loss(config, model, variables, tokenizer) -> float:
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model))
-  sums = [eval_fn(params, batch) for batch in data.make_eval_batches(config, tokenizer, 0, 1)]
+  sums = [eval_fn(variables, batch) for batch in data.make_eval_batches(config, tokenizer, 0, 1)]
   return sum(float(s['loss_sum']) for s in sums) / sum(float(s['tokens']) for s in sums)
 
 
 @pytest.mark.parametrize('step', [None, 10])
 def test_load_restores_the_params_the_run_evaluated(trained, step):
   config, workdir = trained
-  model, params, tokenizer = sample.load(config, workdir, step)
+  model, variables, tokenizer = sample.load(config, workdir, step)
   logged = {r['step']: r['eval/loss'] for r in read_metrics(workdir) if 'eval/loss' in r}
-  assert eval_loss(config, model, params, tokenizer) == pytest.approx(logged[step or 20], rel=1e-5)
+  assert eval_loss(config, model, variables, tokenizer) == pytest.approx(logged[step or 20], rel=1e-5)
 
 
 def test_loaded_model_continues_a_prompt(trained):
   config, workdir = trained
-  model, params, tokenizer = sample.load(config, workdir)
-  text = sample.sample_text(model, params, tokenizer, 'line 3', num_tokens=40, temperature=0.5,
+  model, variables, tokenizer = sample.load(config, workdir)
+  text = sample.sample_text(model, variables, tokenizer, 'line 3', num_tokens=40, temperature=0.5,
                             top_k=10, window=config.seq_len, seed=0)
   assert text.startswith('line 3') and len(tokenizer.encode(text)) == len('line 3') + 40
 

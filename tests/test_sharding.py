@@ -7,14 +7,13 @@ import subprocess
 import sys
 import tempfile
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from lepton_jax import config_lib, optim, sharding, train, train_state
 from lepton_jax.model import ModelConfig, Transformer
-from tests.test_train import read_metrics, tiny_config
+from tests.conftest import read_metrics, tiny_config
 
 STEPS = 4
 REPO = pathlib.Path(__file__).parent.parent
@@ -79,9 +78,10 @@ def initial_state(config):
   mesh = sharding.make_mesh(config.mesh)
   model = Transformer(ModelConfig.from_config(config.model))
   tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(list(config.mesh.rules)):
-    _, shardings = train_state.abstract_state(model, tx, mesh, config.mesh.rules, config.seq_len)
-    return train_state.init_state(model, tx, config.seed, config.seq_len, shardings)
+  with sharding.use_mesh(mesh, config.mesh.rules):
+    layout = train_state.make_layout(model, tx, mesh, config.mesh.rules, config.seq_len,
+                                     config.trainable)
+    return train_state.init_state(model, tx, config.seed, config.seq_len, layout)[0]
 
 
 def bytes_per_device(tree) -> dict[jax.Device, int]:
@@ -114,13 +114,13 @@ def test_fsdp_splits_params_and_optimizer_state_evenly(tmp_path):
 
 def test_params_are_placed_by_the_rules(tmp_path):
   state = initial_state(sharded_config(tmp_path, MESHES['fsdp4_tensor2']))
-  layer = state.params['layers_0']
+  layer = state.trainable['layers_0']
   specs = {
       'up': (layer['mlp']['up']['kernel'], ('fsdp', 'tensor')),  # Column split.
       'down': (layer['mlp']['down']['kernel'], ('tensor', 'fsdp')),  # Row split.
       'query': (layer['attn']['query']['kernel'], ('fsdp', 'tensor', None)),
       'out': (layer['attn']['out']['kernel'], ('tensor', None, 'fsdp')),
-      'embedding': (state.params['embed']['embedding'], ('tensor', 'fsdp')),
+      'embedding': (state.trainable['embed']['embedding'], ('tensor', 'fsdp')),
   }
   for name, (kernel, spec) in specs.items():
     assert tuple(kernel.sharding.spec) == spec, name

@@ -1,5 +1,4 @@
 """End-to-end training: learning, metrics, exact resume, preemption, and bad input."""
-import json
 import logging as std_logging
 import os
 import pathlib
@@ -15,44 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lepton_jax import checkpoint, config_lib, sharding, train
-
-TEXT = ''.join(f'line {i}: the quick brown fox jumps over the lazy dog {i % 7}.\n'
-               for i in range(400))
-
-
-def tiny_config(tmp_path: pathlib.Path, **overrides):
-  """A byte-level model small enough to train in seconds on 8 simulated devices."""
-  corpus = tmp_path / 'corpus.txt'
-  if not corpus.exists():
-    corpus.write_text(TEXT)
-  config = config_lib.base_config()
-  config.total_steps = 30
-  config.batch_size = 8
-  config.seq_len = 32
-  config.log_every_steps = 1
-  config.eval_every_steps = 10
-  config.eval_batches = 2
-  config.checkpoint_every_steps = 10
-  config.data.source = 'text'
-  config.data.path = str(corpus)
-  config.data.tokenizer = 'bytes'
-  config.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-                      d_ff=64, max_seq_len=32)
-  config.optimizer.update(learning_rate=3e-3, warmup_steps=5)
-  config.sample.num_tokens = 0
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
-
-
-def read_metrics(workdir) -> list[dict]:
-  return [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
-
+from lepton_jax import checkpoint, cli, optim, sharding, steps, train, train_state, tree
+from lepton_jax.model import ModelConfig, Transformer
+from tests.conftest import TEXT, read_metrics, tiny_config
 
 def test_short_run_learns_and_logs(tmp_path):
   workdir = tmp_path / 'run'
@@ -124,37 +88,94 @@ def test_other_optimizers_and_schedules_train(tmp_path, optimizer, schedule, lea
   assert records[-1]['train/loss'] < 0.7 * records[0]['train/loss']
 
 
+def sharded_layout(config):
+  """(model, tx, layout) of `config` on its mesh."""
+  model = Transformer(ModelConfig.from_config(config.model))
+  tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
+  mesh = sharding.make_mesh(config.mesh)
+  with sharding.use_mesh(mesh, config.mesh.rules):
+    layout = train_state.make_layout(model, tx, mesh, config.mesh.rules, config.seq_len,
+                                     config.trainable)
+  return model, tx, layout
+
+
 def test_checkpoint_round_trip_keeps_values_and_shardings(tmp_path):
-  mesh = sharding.make_mesh(config_lib.base_config().mesh)
-  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  tree = {'w': jax.device_put(jnp.arange(32.0).reshape(8, 4), spec), 'step': jnp.int32(7)}
+  config = tiny_config(tmp_path, **{'model.vocab_size': 264, 'mesh.data': 1, 'mesh.fsdp': 8})
+  model, tx, layout = sharded_layout(config)
+  state, frozen = train_state.init_state(model, tx, config.seed, config.seq_len, layout)
   data_iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
   [next(data_iterator) for _ in range(3)]
-  ckpt = checkpoint.Checkpointer(str(tmp_path / 'ckpt'), keep=2)
-  ckpt.save(7, tree, data_iterator, {'d_model': 4})
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
+  ckpt.save(7, state, data_iterator, checkpoint.describe(layout.variables, layout.trainable_mask))
   ckpt.wait()
   # Each process writes its own data position (streaming pipelines differ per process).
-  assert (tmp_path / 'ckpt' / '7' / 'data' / 'process_0-of-1.json').exists()
-  shardings = {'w': spec, 'step': sharding.replicated(mesh)}
+  data_dir = tmp_path / 'checkpoints' / '7' / 'data'
+  assert (data_dir / 'process_0-of-1.json').exists()
   fresh_iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
-  restored = ckpt.restore(7, checkpoint.abstract_like(tree, shardings), fresh_iterator)
-  np.testing.assert_array_equal(restored['w'], tree['w'])
-  assert restored['w'].sharding == spec and int(restored['step']) == 7
+  restored, restored_frozen = ckpt.restore(7, layout, fresh_iterator)
+  assert restored_frozen == frozen == {}
+  for name, a, b in zip(tree.names(state), jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(a, b, err_msg=name)
+    assert a.sharding == b.sharding, name
+  assert tuple(restored.trainable['embed']['embedding'].sharding.spec) == ('tensor', 'fsdp')
   assert next(fresh_iterator) == 3
 
   # Saved by 2 processes: a position every process shares restores in any process count; a
   # per-process (streaming) one only in the count it was saved with.
-  data_dir = tmp_path / 'ckpt' / '7' / 'data'
   for i in range(2):
     (data_dir / f'process_{i}-of-2.json').write_text((data_dir / 'process_0-of-1.json').read_text())
   (data_dir / 'process_0-of-1.json').unlink()
   fresh_iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
-  ckpt.restore(7, checkpoint.abstract_like(tree, shardings), fresh_iterator,
-               data_state_is_global=True)
+  ckpt.restore(7, layout, fresh_iterator, data_state_is_global=True)
   assert next(fresh_iterator) == 3
   with pytest.raises(ValueError, match='data positions of 2 processes, not 1: resume a streaming'):
-    ckpt.restore(7, checkpoint.abstract_like(tree, shardings), fresh_iterator)
+    ckpt.restore(7, layout, fresh_iterator)
   ckpt.close()
+
+
+def nan_loss_at(monkeypatch, bad_steps) -> None:
+  """Makes the loss of `bad_steps` (1-based) NaN, through a loss mask of NaNs."""
+  train_step = steps.train_step
+
+  def train_step_with_nans(state, frozen, batch, **kwargs):
+    is_bad = jnp.isin(state.step + 1, jnp.asarray(bad_steps))
+    mask = jnp.where(is_bad, jnp.nan, jnp.ones(batch['targets'].shape))
+    return train_step(state, frozen, {**batch, 'mask': mask}, **kwargs)
+
+  monkeypatch.setattr(steps, 'train_step', train_step_with_nans)
+
+
+def test_nonfinite_step_stops_the_run_before_it_is_saved(tmp_path, monkeypatch):
+  nan_loss_at(monkeypatch, [6])
+  workdir = tmp_path / 'run'
+  config = tiny_config(tmp_path, total_steps=10, checkpoint_every_steps=1, keep_checkpoints=10)
+  with pytest.raises(FloatingPointError, match=r'^step 6 is not finite \(loss nan, gradient norm '
+                     r'nan, learning rate [\d.]+\); stopped before saving it'):
+    train.train_and_evaluate(config, str(workdir))
+  assert checkpoint.Checkpointer(str(workdir), keep=10).all_steps() == [1, 2, 3, 4, 5]
+  assert [r['step'] for r in read_metrics(workdir)] == [1, 2, 3, 4, 5]
+
+
+def test_skip_drops_nonfinite_updates_counts_them_and_stops_after_too_many(tmp_path, monkeypatch):
+  nan_loss_at(monkeypatch, [4, 7, 8, 9])
+  workdir = tmp_path / 'run'
+  config = tiny_config(tmp_path, total_steps=12, checkpoint_every_steps=1, keep_checkpoints=20,
+                       nonfinite='skip', max_consecutive_skips=3, **{'model.vocab_size': 257})
+  with pytest.raises(FloatingPointError, match=r'step 9: 3 non-finite steps in a row'):
+    train.train_and_evaluate(config, str(workdir))
+  records = read_metrics(workdir)
+  assert [r['train/skipped_steps'] for r in records] == [0, 0, 0, 1, 1, 1, 2, 3]
+  ckpt = checkpoint.Checkpointer(str(workdir), keep=20)
+  model, tx, layout = sharded_layout(config)
+  saved = {step: ckpt.restore(step, layout)[0] for step in (3, 4, 5, 7, 8)}
+  for before, skipped in ((3, 4), (7, 8)):  # A skipped step changes only the step count.
+    for a, b in zip(jax.tree.leaves((saved[before].trainable, saved[before].opt_state)),
+                    jax.tree.leaves((saved[skipped].trainable, saved[skipped].opt_state))):
+      np.testing.assert_array_equal(a, b)
+    assert int(saved[skipped].step) == skipped
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), saved[4].trainable,
+                                       saved[5].trainable))
+  assert all(moved)  # Training goes on after a skipped step.
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -186,7 +207,8 @@ def test_refuses_a_workdir_holding_another_model(tmp_path):
   workdir = tmp_path / 'run'
   train.train_and_evaluate(tiny_config(tmp_path, total_steps=10), str(workdir))
   before = {p: p.stat().st_mtime_ns for p in workdir.rglob('*') if 'checkpoints' in p.parts}
-  with pytest.raises(ValueError, match=r'different model \(num_layers: checkpoint 2 vs config 3'):
+  with pytest.raises(ValueError, match=r'different model: params/layers_2/attn/key/kernel is in '
+                     r'the model but not in the checkpoint; use a new --workdir'):
     train.train_and_evaluate(tiny_config(tmp_path, total_steps=20, **{'model.num_layers': 3}),
                              str(workdir))
   after = {p: p.stat().st_mtime_ns for p in workdir.rglob('*') if 'checkpoints' in p.parts}
@@ -227,9 +249,10 @@ def test_library_info_logs_are_dropped_but_ours_and_warnings_kept():
   filters = list(handler.filters)
   record = lambda level, path: std_logging.LogRecord('jax', level, path, 1, 'message', None, None)
   try:
-    train.quiet_library_info_logs()
+    cli.quiet_library_info_logs()
     assert not handler.filter(record(std_logging.INFO, '/site-packages/jax/_src/xla_bridge.py'))
     assert handler.filter(record(std_logging.WARNING, '/site-packages/jax/_src/xla_bridge.py'))
     assert handler.filter(record(std_logging.INFO, train.__file__))
+    assert handler.filter(record(std_logging.INFO, cli.__file__))
   finally:
     handler.filters[:] = filters
