@@ -11,4 +11,5 @@ Array names end in their shape, one letter per axis (`q_BTNH` is [batch, time, h
   G  query heads per kv head, N // K
   M  G * T: a kv head's queries stacked (attention.xla_attention)
 """
-from lepton_jax.model.transformer import ModelConfig, Transformer
+from lepton_jax.model.config import ModelConfig
+from lepton_jax.model.transformer import Transformer

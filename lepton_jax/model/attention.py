@@ -2,18 +2,12 @@
 
 Shape suffixes (`q_BTNH`) use the letters of the legend in lepton_jax/model/__init__.py.
 """
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from lepton_jax.model import layers
-
-if TYPE_CHECKING:  # transformer.py imports this module.
-  from lepton_jax.model.transformer import ModelConfig
+from lepton_jax.model.config import ModelConfig
 
 # config.model.attention: xla = xla_attention below; dot_product = jax.nn.dot_product_attention,
 # which picks a fused kernel where the platform has one; cudnn = insist on cuDNN flash.

@@ -4,18 +4,15 @@ Every parameter is created through `nn.with_logical_partitioning`, so it carries
 names ('embed', 'mlp', ...) that config rules map to mesh axes (see lepton_jax/sharding.py).
 Shape suffixes (`x_BTD`) use the letters of the legend in lepton_jax/model/__init__.py.
 """
-from __future__ import annotations
-
 import dataclasses
 import math
-from typing import Sequence, TYPE_CHECKING
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-if TYPE_CHECKING:  # transformer.py imports this module.
-  from lepton_jax.model.transformer import ModelConfig
+from lepton_jax.model.config import ModelConfig
 
 Dtype = jnp.dtype
 default_kernel_init = nn.initializers.normal(stddev=0.02)

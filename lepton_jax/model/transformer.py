@@ -9,10 +9,10 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from lepton_jax.model import layers
 from lepton_jax.model.attention import Attention
+from lepton_jax.model.config import ModelConfig
 
 REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -26,40 +26,6 @@ ACTIVATIONS = {
 GATED_MLPS = ('swiglu', 'geglu')
 POSITIONS = ('rope', 'learned', 'none')  # rope acts in attention, learned adds a table here.
 DTYPES = ('float32', 'bfloat16')  # for param_dtype and the compute dtype.
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Plain values for the model; `from_config` reads them from `config.model`."""
-  vocab_size: int
-  d_model: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  d_ff: int
-  mlp: str
-  norm: str
-  norm_eps: float
-  positions: str
-  rope_theta: float
-  max_seq_len: int
-  sliding_window: int
-  qkv_bias: bool
-  out_bias: bool
-  mlp_bias: bool
-  tie_embeddings: bool
-  qk_norm: bool
-  dropout: float
-  attention: str
-  scan_layers: bool
-  remat: str
-  param_dtype: str
-  dtype: str
-
-  @classmethod
-  def from_config(cls, model_config: ml_collections.ConfigDict) -> 'ModelConfig':
-    return cls(**model_config.to_dict())
 
 
 class Mlp(nn.Module):

@@ -1,0 +1,38 @@
+"""The model's configuration: the plain values every module of the model is built from."""
+import dataclasses
+
+import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Plain values for the model; `from_config` reads them from `config.model`."""
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  d_ff: int
+  mlp: str
+  norm: str
+  norm_eps: float
+  positions: str
+  rope_theta: float
+  max_seq_len: int
+  sliding_window: int
+  qkv_bias: bool
+  out_bias: bool
+  mlp_bias: bool
+  tie_embeddings: bool
+  qk_norm: bool
+  dropout: float
+  attention: str
+  scan_layers: bool
+  remat: str
+  param_dtype: str
+  dtype: str
+
+  @classmethod
+  def from_config(cls, model_config: ml_collections.ConfigDict) -> 'ModelConfig':
+    return cls(**model_config.to_dict())
