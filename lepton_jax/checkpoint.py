@@ -71,14 +71,14 @@ class Checkpointer:
 
   def saved_variables(self, step: int) -> dict:
     """The `describe()` variables of checkpoint `step`, also for format-1 checkpoints."""
-    meta = self._meta(step)
+    return self._described(step, self._meta(step))
+
+  def _described(self, step: int, meta: dict) -> dict:
     if meta.get('format') == FORMAT:
       return meta['variables']
     # Format 1 held the model config's shape fields; its state item's params all trained.
     params = ocp.PyTreeCheckpointHandler().metadata(self._item_dir(step, 'state')).tree['params']
-    return {'params/' + name: {'shape': list(leaf.shape), 'dtype': np.dtype(leaf.dtype).name,
-                               'trainable': True}
-            for name, leaf in zip(tree.names(params), jax.tree.leaves(params))}
+    return describe({'params': params}, jax.tree.map(lambda _: True, params))['variables']
 
   def check_compatible(self, meta: dict, same_split: bool) -> None:
     """Raises if the latest checkpoint holds other variables than `meta` describes (or, with
@@ -114,11 +114,12 @@ class Checkpointer:
     with another number of processes than it saved with.
     """
     target = abstract_like(layout.state, layout.state_shardings)
-    fields = {'step': target.step, self._trainable_key(step): target.trainable,
-              'opt_state': target.opt_state, 'rng': target.rng}
+    key = _trainable_key(self._meta(step))
+    fields = {'step': target.step, key: target.trainable, 'opt_state': target.opt_state,
+              'rng': target.rng}
     saved = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(fields)))['state']
-    state = train_state.TrainState(step=saved['step'], trainable=saved[self._trainable_key(step)],
+    state = train_state.TrainState(step=saved['step'], trainable=saved[key],
                                    opt_state=saved['opt_state'], rng=saved['rng'])
     if data_iterator is not None:
       data_iterator.set_state(self._data_state(step, data_state_is_global))
@@ -130,11 +131,12 @@ class Checkpointer:
     `abstract_variables` (ShapeDtypeStructs with shardings) says where each array goes; the
     checkpoint says which of them trained (any optimizer, any mesh).
     """
-    saved = self.saved_variables(step)
+    meta = self._meta(step)
+    saved = self._described(step, meta)
     trained = tree.map_with_names(lambda name, _: saved['params/' + name]['trainable'],
                                   abstract_variables['params'])
     trainable, frozen = train_state.split_variables(abstract_variables, trained)
-    key = self._trainable_key(step)
+    key = _trainable_key(meta)
     restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         {key: trainable}, restore_args=ocp.checkpoint_utils.construct_restore_args({key: trainable}),
         partial_restore=True)))['state']
@@ -150,10 +152,6 @@ class Checkpointer:
 
   def _meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-
-  def _trainable_key(self, step: int) -> str:
-    """Where the state item holds the trainable params: format 1 called them `params`."""
-    return 'trainable' if self._meta(step).get('format') == FORMAT else 'params'
 
   def _item_dir(self, step: int, item: str) -> epath.Path:
     return epath.Path(self._manager.directory) / str(step) / item
@@ -174,6 +172,11 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _trainable_key(meta: dict) -> str:
+  """Where the state item holds the trainable params: format 1 called them `params`."""
+  return 'trainable' if meta.get('format') == FORMAT else 'params'
 
 
 def abstract_like(tree_: Any, shardings: Any) -> Any:

@@ -47,9 +47,9 @@ def mask(tree: Any, patterns: Patterns, what: str | None = None) -> Any:
   if what is not None:
     leaf_names = names(tree)
     for pattern in patterns:
-      if not any(re.fullmatch(pattern, name) for name in leaf_names):
-        raise ValueError(f'{what}: pattern {pattern!r} matches no parameter; names look like '
-                         f'{leaf_names[0]!r}' if leaf_names else f'{what}: the tree is empty')
+      if not any(matches((pattern,), name) for name in leaf_names):
+        example = f'names look like {leaf_names[0]!r}' if leaf_names else 'there are none'
+        raise ValueError(f'{what}: pattern {pattern!r} matches no parameter; {example}')
   return map_with_names(lambda name, _: matches(patterns, name), tree)
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lepton_jax import config_lib
+from lepton_jax import config_lib, tree
 from lepton_jax.model import ModelConfig, Transformer, layers
 from lepton_jax.model.attention import causal_mask, rope, xla_attention
 from lepton_jax.model.transformer import Mlp
@@ -52,10 +52,9 @@ def apply(cfg: ModelConfig, params, tokens_BT, deterministic=True, rngs=None) ->
                                 rngs=rngs)
 
 
-def paths(tree) -> set[str]:
+def paths(params) -> set[str]:
   """'a/b/c' for every leaf of a nested dict."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(k.key for k in path) for path, _ in flat}
+  return set(tree.names(params))
 
 
 def stack_layers(params, num_layers: int):
