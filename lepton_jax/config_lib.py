@@ -53,6 +53,13 @@ def model_config() -> ml_collections.ConfigDict:
       norm_eps=1e-5,
       positions='rope',  # rope | learned | none
       rope_theta=10_000.0,
+      # none | llama3: Llama 3.1's long-context rescaling of the rope frequencies, with the
+      # four values below (those of Llama 3.1/3.2 shown).
+      rope_scaling='none',
+      rope_scaling_factor=8.0,
+      rope_low_freq_factor=1.0,
+      rope_high_freq_factor=4.0,
+      rope_original_max_len=8192,
       max_seq_len=2048,  # Rows of the learned position table; the longest seq_len allowed.
       sliding_window=0,  # 0: full causal attention; W: attend to the last W positions (Mistral).
       qkv_bias=False,
@@ -194,6 +201,7 @@ CHOICES = {
     'model.mlp': tuple(transformer.ACTIVATIONS),
     'model.norm': tuple(layers.NORMS),
     'model.positions': transformer.POSITIONS,
+    'model.rope_scaling': attention.ROPE_SCALINGS,
     'model.attention': attention.IMPLEMENTATIONS,
     'model.remat': ('none', *transformer.REMAT_POLICIES),
     'model.param_dtype': transformer.DTYPES,

@@ -358,19 +358,22 @@ def test_rope_is_a_complex_rotation_of_pairs_i_and_i_plus_half():
   freqs = theta ** (-np.arange(0, HEAD_DIM, 2) / HEAD_DIM)  # HF Llama's inv_freq
   z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * positions[:, :, None, None] * freqs)
   expected = np.concatenate([z.real, z.imag], -1)
-  assert_close(rope(jnp.asarray(x), jnp.asarray(positions), theta), expected, 1e-5)
+  assert_close(rope(jnp.asarray(x), jnp.asarray(positions), freqs), expected, 1e-5)
+
+
+_FREQS = 10_000.0 ** (-np.arange(0, HEAD_DIM, 2) / HEAD_DIM)
 
 
 def test_rope_at_position_zero_is_identity():
   x = jax.random.normal(jax.random.key(0), (B, T, HEADS, HEAD_DIM))
-  assert_close(rope(x, jnp.zeros((B, T), jnp.int32), 10_000.0), x, 1e-7)
+  assert_close(rope(x, jnp.zeros((B, T), jnp.int32), _FREQS), x, 1e-7)
 
 
 def test_rope_scores_depend_only_on_position_difference():
   q = jax.random.normal(jax.random.key(0), (1, 1, 1, HEAD_DIM))
   k = jax.random.normal(jax.random.key(1), (1, 1, 1, HEAD_DIM))
-  score = lambda m, n: float(jnp.sum(rope(q, jnp.array([[m]]), 10_000.0) *
-                                     rope(k, jnp.array([[n]]), 10_000.0)))
+  score = lambda m, n: float(jnp.sum(rope(q, jnp.array([[m]]), _FREQS) *
+                                     rope(k, jnp.array([[n]]), _FREQS)))
   for shift in (1, 7, 100):
     assert score(5 + shift, 2 + shift) == pytest.approx(score(5, 2), abs=1e-4)
   assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)

@@ -5,6 +5,7 @@ Shape suffixes (`q_BTNH`) use the letters of the legend in lepton_jax/model/__in
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lepton_jax.model import layers
 from lepton_jax.model.config import ModelConfig
@@ -14,10 +15,29 @@ from lepton_jax.model.config import ModelConfig
 IMPLEMENTATIONS = ('xla', 'dot_product', 'cudnn')
 
 
-def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+# config.model.rope_scaling: how the inverse frequencies are rescaled for long contexts.
+ROPE_SCALINGS = ('none', 'llama3')
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """[h] f32 inverse frequencies of the rotary embedding, rescaled as cfg.rope_scaling says.
+
+  llama3 (Llama 3.1): wavelengths longer than original_max_len / low_freq_factor are stretched by
+  `factor`, shorter than original_max_len / high_freq_factor kept, and those in between
+  interpolated smoothly between the two.
+  """
+  half = cfg.head_dim // 2
+  inv_freq_h = 1.0 / cfg.rope_theta ** (np.arange(half, dtype=np.float64) / half)
+  if cfg.rope_scaling == 'llama3':
+    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen_h = 2 * np.pi / inv_freq_h
+    smooth_h = np.clip((cfg.rope_original_max_len / wavelen_h - low) / (high - low), 0.0, 1.0)
+    inv_freq_h = (1 - smooth_h) * inv_freq_h / factor + smooth_h * inv_freq_h
+  return inv_freq_h.astype(np.float32)
+
+
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq_h: np.ndarray) -> jax.Array:
   """Rotary embedding, half-split layout (HF Llama `rotate_half`), angles in f32."""
-  half = x_BTNH.shape[-1] // 2
-  inv_freq_h = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
   angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq_h
   sin, cos = jnp.sin(angles_BTh)[:, :, None, :], jnp.cos(angles_BTh)[:, :, None, :]
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
@@ -77,8 +97,9 @@ class Attention(nn.Module):
       norm = lambda name: layers.make_norm(cfg, name, axis_name='head_dim')
       q_BTNH, k_BTKH = norm('query_norm')(q_BTNH), norm('key_norm')(k_BTKH)
     if cfg.positions == 'rope':
-      q_BTNH = rope(q_BTNH, positions_BT, cfg.rope_theta)
-      k_BTKH = rope(k_BTKH, positions_BT, cfg.rope_theta)
+      inv_freq_h = rope_frequencies(cfg)
+      q_BTNH = rope(q_BTNH, positions_BT, inv_freq_h)
+      k_BTKH = rope(k_BTKH, positions_BT, inv_freq_h)
     q_BTNH = nn.with_logical_constraint(q_BTNH, ('batch', 'length', 'act_heads', 'head_dim'))
 
     T = x_BTD.shape[1]

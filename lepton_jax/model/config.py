@@ -19,6 +19,11 @@ class ModelConfig:
   norm_eps: float
   positions: str
   rope_theta: float
+  rope_scaling: str
+  rope_scaling_factor: float
+  rope_low_freq_factor: float
+  rope_high_freq_factor: float
+  rope_original_max_len: int
   max_seq_len: int
   sliding_window: int
   qkv_bias: bool
