@@ -1,0 +1,193 @@
+"""Hugging Face checkpoints in and out: `hf.load` a causal-LM directory, `hf.save` a lepton model.
+
+  from lepton_jax import hf
+  model, variables = hf.load('/path/to/Llama-3.2-1B')          # logits equal transformers'
+  hf.save(model, variables, '/tmp/export', tokenizer=tokenizer)  # AutoModelForCausalLM loads it
+
+Each family (llama, mistral, qwen2, qwen3, gpt2) maps its config.json and tensor names in its
+own module; docs/hf.md lists which fields map to what. Needs the `hf` extra (safetensors).
+"""
+import json
+import os
+import shutil
+
+from etils import epath
+import flax.linen as nn
+import jax
+
+from lepton_jax import config_lib, sharding, train_state
+from lepton_jax.hf import card, family, gpt2, llama, mistral, qwen2, qwen3, tensors
+from lepton_jax.model import ModelConfig, Transformer
+
+FAMILIES = {f.model_type: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY,
+                                      gpt2.FAMILY)}
+# A checkpoint's dtype -> lepton's (float16 has no lepton compute path: it loads as float32).
+DTYPES = {'float32': 'float32', 'bfloat16': 'bfloat16', 'float16': 'float32'}
+MAX_SHARD_BYTES = 5 * 2**30  # transformers' historical default.
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
+                   'tokenizer.model')
+
+
+def read_config(path: str) -> tuple[family.Family, dict]:
+  """(family, config.json) of a Hugging Face directory; raises naming what is missing."""
+  config_file = epath.Path(path) / 'config.json'
+  if not config_file.exists():
+    raise FileNotFoundError(f'{config_file} does not exist: not a Hugging Face model directory')
+  hf_config = json.loads(config_file.read_text())
+  model_type = hf_config.get('model_type')
+  if model_type not in FAMILIES:
+    raise ValueError(f'{config_file}: model_type={model_type!r} is not supported; lepton reads '
+                     f'{tuple(FAMILIES)}')
+  return FAMILIES[model_type], hf_config
+
+
+def architecture(path: str) -> dict:
+  """The ModelConfig architecture fields of a Hugging Face directory."""
+  hf_family, hf_config = read_config(path)
+  return hf_family.read_config(hf_config)
+
+
+def stored_dtype(hf_config: dict) -> str:
+  """The lepton dtype of a checkpoint's weights (config.json `dtype`, formerly `torch_dtype`)."""
+  stored = hf_config.get('dtype') or hf_config.get('torch_dtype') or 'float32'
+  if stored not in DTYPES:
+    raise ValueError(f'config.json field dtype={stored!r}: lepton reads {tuple(DTYPES)}')
+  return DTYPES[stored]
+
+
+def model_config(path: str, dtype: str | None = None, **run_fields) -> ModelConfig:
+  """The ModelConfig of a Hugging Face directory: its architecture, lepton's defaults for how to
+  run it (attention, scan_layers, remat, ...; `run_fields` override them), params and compute in
+  `dtype` (None: the checkpoint's)."""
+  hf_family, hf_config = read_config(path)
+  fields = config_lib.model_config().to_dict()
+  fields.update(run_fields)
+  dtype = dtype or stored_dtype(hf_config)
+  fields.update(hf_family.read_config(hf_config), param_dtype=dtype, dtype=dtype)
+  return ModelConfig(**fields)
+
+
+def _mesh_or_default(mesh):
+  return mesh or jax.make_mesh((1,) * len(sharding.MESH_AXES), sharding.MESH_AXES,
+                               devices=jax.devices()[:1],
+                               axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
+
+
+def load(path: str, dtype: str | None = None, *, mesh: jax.sharding.Mesh | None = None,
+         rules=config_lib.DEFAULT_RULES, **run_fields) -> tuple[Transformer, dict]:
+  """(model, variables) of a Hugging Face causal-LM directory.
+
+  `dtype` ('float32', 'bfloat16'; None: the checkpoint's) is the params' and compute dtype.
+  The variables are placed on `mesh` by `rules` (default: one device); each process reads only
+  the slices its devices hold. `run_fields` set ModelConfig fields that do not change what the
+  model computes (scan_layers, attention, remat).
+  """
+  model = Transformer(model_config(path, dtype, **run_fields))
+  return model, load_variables(path, model, mesh, rules)
+
+
+def load_variables(path: str, model: Transformer, mesh=None, rules=config_lib.DEFAULT_RULES) -> dict:
+  """The variables of `model`, whose config must describe the checkpoint at `path`, on `mesh`."""
+  hf_family, _ = read_config(path)
+  cfg, mesh = model.cfg, _mesh_or_default(mesh)
+  checkpoint = tensors.Checkpoint(epath.Path(path))
+  boxed = train_state.boxed_variables(model, seq_len=1)
+  abstract = sharding.unbox_abstract(boxed)['params']
+  shardings = sharding.param_shardings(boxed, mesh, rules)['params']
+  params = tensors.plan_params(abstract, nn.get_partition_spec(boxed)['params'],
+                               hf_family.tensors(cfg), cfg.num_layers)
+  buffers = hf_family.buffers + (('lm_head.weight',) if cfg.tie_embeddings else ())
+  checkpoint.check(params, buffers, cfg.num_layers)
+  leaves = {p.name: tensors.load_array(checkpoint, p, shape.shape, shard, cfg.param_dtype)
+            for p, shape, shard in zip(params, jax.tree.leaves(abstract),
+                                       jax.tree.leaves(shardings))}
+  return {'params': _unflatten(leaves)}
+
+
+def _unflatten(leaves: dict) -> dict:
+  result = {}
+  for name, leaf in leaves.items():
+    *parents, last = name.split('/')
+    node = result
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[last] = leaf
+  return result
+
+
+def family_of(cfg: ModelConfig) -> tuple[family.Family, dict]:
+  """The first family that expresses `cfg`, and its config.json fields; raises naming, for each
+  family, the field that prevents it."""
+  reasons = []
+  for hf_family in FAMILIES.values():
+    try:
+      return hf_family, hf_family.write_config(cfg)
+    except ValueError as error:
+      reasons.append(str(error))
+  raise ValueError('no Hugging Face family expresses this model: ' + '; '.join(reasons))
+
+
+def save(model: Transformer, variables: dict, path: str, tokenizer=None, *,
+         run: dict | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+  """Writes `model` and `variables` as a Hugging Face directory at `path`.
+
+  config.json, generation_config.json, safetensors (shards and the index above
+  `max_shard_bytes`), the tokenizer's files when one is given and a README.md model card; `run`
+  ({'config': ConfigDict, 'metrics': dict}) adds a run's training config and last metrics to the
+  card. `path` must not exist or be empty; everything is written to a temporary directory beside it
+  first, so a failure leaves nothing behind.
+  """
+  cfg = model.cfg
+  hf_family, hf_config = family_of(cfg)
+  target = epath.Path(path)
+  if target.exists() and any(target.iterdir()):
+    raise FileExistsError(f'{target} exists and is not empty; give a new directory')
+  params = variables['params']
+  values = tensors.leaves_by_name(params)
+  plan = tensors.plan_params(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
+                             nn.get_partition_spec(train_state.boxed_variables(model, 1))['params'],
+                             hf_family.tensors(cfg), cfg.num_layers)
+  special = _special_ids(tokenizer)
+  staging = target.parent / f'.{target.name}.partial-{os.getpid()}'
+  if jax.process_index() == 0:
+    staging.mkdir(parents=True, exist_ok=True)
+  try:
+    tensors.write(staging, tensors.hf_tensors(plan), values, max_shard_bytes)
+    if jax.process_index() == 0:
+      dtype = str(jax.tree.leaves(params)[0].dtype)
+      full_config = dict(hf_config, architectures=[hf_family.architecture],
+                         model_type=hf_family.model_type, dtype=dtype, **special)
+      (staging / 'config.json').write_text(json.dumps(full_config, indent=2))
+      (staging / 'generation_config.json').write_text(json.dumps(special, indent=2))
+      if tokenizer is not None:
+        _save_tokenizer(tokenizer, staging)
+      (staging / 'README.md').write_text(card.model_card(hf_family, cfg, params, run))
+      if target.exists():
+        target.rmdir()
+      staging.rename(target)
+  finally:
+    if jax.process_index() == 0 and staging.exists():
+      shutil.rmtree(staging)
+
+
+def _special_ids(tokenizer) -> dict:
+  if tokenizer is None:
+    return {}
+  ids = {'eos_token_id': tokenizer.eos_id}
+  if getattr(tokenizer, 'bos_id', None) is not None:
+    ids['bos_token_id'] = tokenizer.bos_id
+  return ids
+
+
+def _save_tokenizer(tokenizer, directory: epath.Path) -> None:
+  """Copies a tokenizer's files (an hf tokenizer's directory, a SentencePiece model)."""
+  source = getattr(tokenizer, 'directory', None)
+  if source is not None:
+    for name in TOKENIZER_FILES:
+      if (epath.Path(source) / name).exists():
+        (epath.Path(source) / name).copy(directory / name)
+  elif getattr(tokenizer, 'model_path', None):
+    epath.Path(tokenizer.model_path).copy(directory / 'tokenizer.model')
+  else:
+    raise ValueError(f'hf.save: a {type(tokenizer).__name__} has no Hugging Face tokenizer files')
+
