@@ -26,7 +26,9 @@ setuptools.setup(
         'tqdm',
     ],
     extras_require={
-        'test': ['pytest', 'pytest-xdist', 'nbclient', 'nbformat', 'ipykernel', 'matplotlib'],
+        'test': ['pytest', 'pytest-xdist', 'nbclient', 'nbformat', 'ipykernel', 'matplotlib',
+                 'transformers==5.24.0', 'safetensors', 'tokenizers', 'torch==2.13.0'],
+        'hf': ['transformers==5.24.0', 'safetensors', 'tokenizers', 'torch==2.13.0'],
         'notebook': ['matplotlib'],
         'gpu': ['jax[cuda12]'],
         # gcsfs is how etils.epath (orbax, tokenizer cache, metrics.jsonl) and tensorboardX (through

@@ -114,8 +114,10 @@ def base_config() -> ml_collections.ConfigDict:
       eval_split='test',
       text_key='text',  # tfds feature holding the text
       val_fraction=0.1,  # stdlib/text: share held out for validation.
-      tokenizer='sentencepiece',  # sentencepiece | bytes
-      tokenizer_path='',  # An existing .model; '' trains one (cached in the workdir).
+      tokenizer='sentencepiece',  # sentencepiece | bytes | hf
+      # sentencepiece: an existing .model; '' trains one (cached in the workdir). hf: a Hugging
+      # Face directory (tokenizer.json or tokenizer.model; bos/eos ids from its config files).
+      tokenizer_path='',
       vocab_size=1024,  # sentencepiece vocabulary to train.
       spm_train_chars=20_000_000,  # Text fed to the sentencepiece trainer (cap).
       # False: tokenize the whole train split up front (small corpora; every token is a target

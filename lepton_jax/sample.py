@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lepton_jax import checkpoint, config_lib, experiment, sharding, train_state
+from lepton_jax import checkpoint, config_lib, data, experiment, sharding, train_state
 
 
 def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
@@ -39,7 +39,9 @@ def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = Non
 def sample_text(model: nn.Module, variables, tokenizer, prompt: str, num_tokens: int,
                 temperature: float, top_k: int, window: int, seed: int) -> str:
   """Appends `num_tokens` sampled tokens to `prompt`, attending to at most `window` tokens."""
-  tokens = [tokenizer.eos_id] + tokenizer.encode(prompt)  # Start as at a document boundary.
+  # Start as at a document boundary: the end of one document, the start of the next.
+  start = [tokenizer.eos_id] + data.document_start(tokenizer)
+  tokens = start + tokenizer.encode(prompt)
 
   @jax.jit
   def next_token(variables, window_1T, last_index, key):
@@ -55,4 +57,4 @@ def sample_text(model: nn.Module, variables, tokenizer, prompt: str, num_tokens:
     window_1T = np.zeros((1, window), np.int32)
     window_1T[0, :len(context)] = context  # Right padding is invisible to causal attention.
     tokens.append(int(next_token(variables, window_1T, len(context) - 1, jax.random.fold_in(key, i))))
-  return tokenizer.decode(tokens[1:])
+  return tokenizer.decode(tokens[len(start):])

@@ -5,5 +5,6 @@ from lepton_jax.data.pipeline import tokenize_documents
 from lepton_jax.data.sources import load_documents
 from lepton_jax.data.sources import SOURCES
 from lepton_jax.data.tokenizers import build_tokenizer
+from lepton_jax.data.tokenizers import document_start
 from lepton_jax.data.tokenizers import Tokenizer
 from lepton_jax.data.tokenizers import TOKENIZERS

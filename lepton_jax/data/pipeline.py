@@ -1,8 +1,9 @@
 """Input pipeline: tokenize documents, pack them into rows, shuffle, batch, share out per process.
 
-The token stream is every document followed by eos. With T = seq_len, row r is the window
-stream[r*T : r*T + T + 1]: inputs are its first T tokens and targets its last T, so neighbouring
-rows share one token and every token of the stream is a target exactly once.
+The token stream is every document followed by eos (and preceded by bos, for tokenizers with one).
+With T = seq_len, row r is the window stream[r*T : r*T + T + 1]: inputs are its first T tokens and
+targets its last T, so neighbouring rows share one token and every token of the stream is a target
+exactly once.
 
 Training visits rows in grain's index shuffle, reseeded every epoch: the batch at step s is a pure
 function of (seed, s), so an iterator's checkpointable state is just its position. Every process
@@ -35,21 +36,25 @@ def _token_dtype(tokenizer: tokenizers.Tokenizer):
 
 def tokenize_documents(documents: Sequence[str], tokenizer: tokenizers.Tokenizer,
                        max_tokens: int | None = None, docs_per_call: int = 1024) -> np.ndarray:
-  """One flat array of the documents' tokens in order, each document followed by eos.
+  """One flat array of the documents' tokens in order, each document as `_document` makes it.
 
   With `max_tokens`, stops reading documents once that many tokens are there (and trims to it).
   """
   dtype = _token_dtype(tokenizer)
-  eos = np.array([tokenizer.eos_id], dtype)
   pieces, count = [], 0
   for start in range(0, len(documents), docs_per_call):
     if max_tokens is not None and count >= max_tokens:
       break
     texts = [documents[i] for i in range(start, min(start + docs_per_call, len(documents)))]
     for ids in tokenizer.encode_batch(texts):
-      pieces += [np.asarray(ids, dtype), eos]
-      count += len(ids) + 1
+      pieces.append(_document(tokenizer, ids, dtype))
+      count += len(pieces[-1])
   return np.concatenate(pieces)[:max_tokens]
+
+
+def _document(tokenizer: tokenizers.Tokenizer, ids: list[int], dtype) -> np.ndarray:
+  """One document of the stream: bos (where the tokenizer has one), its text's ids, eos."""
+  return np.asarray(tokenizers.document_start(tokenizer) + ids + [tokenizer.eos_id], dtype)
 
 
 def _tokenize_split(data_config: ml_collections.ConfigDict, split: str,
@@ -132,7 +137,7 @@ def _streamed_batches(config: ml_collections.ConfigDict, tokenizer: tokenizers.T
   dtype = _token_dtype(tokenizer)
 
   def tokenize(text: str) -> dict[str, np.ndarray]:
-    return {'tokens': np.asarray(tokenizer.encode(text) + [tokenizer.eos_id], dtype)}
+    return {'tokens': _document(tokenizer, tokenizer.encode(text), dtype)}
 
   process_documents = (grain.MapDataset.source(documents)
                        .shuffle(seed=config.seed)
