@@ -55,12 +55,14 @@ def first_difference(saved: dict, wanted: dict, same_split: bool) -> str | None:
 
 
 class Checkpointer:
-  """Keeps the last `keep` checkpoints of a workdir; saves asynchronously."""
+  """Keeps the last `keep` checkpoints of a workdir; saves asynchronously. `read_only` opens
+  another run's checkpoints to read from, never changing them."""
 
-  def __init__(self, workdir: str, keep: int):
+  def __init__(self, workdir: str, keep: int | None = None, read_only: bool = False):
     self._manager = ocp.CheckpointManager(
         epath.Path(workdir) / 'checkpoints',
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                             read_only=read_only))
     self._frozen_dir = epath.Path(workdir) / 'frozen'
 
   def latest_step(self) -> int | None:

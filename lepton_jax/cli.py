@@ -81,8 +81,9 @@ def command_line(program: str, argv: list[str]):
   try:
     initialize_distributed()
     yield
-  # FloatingPointError: training stopped at a non-finite step (config.nonfinite='stop').
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+  # FloatingPointError: training stopped at a non-finite step (config.nonfinite='stop');
+  # FileExistsError: an output directory that would be overwritten.
+  except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
     logging.debug('Traceback of the error below:', exc_info=True)
     sys.exit(f'{program}: error: {e}')
 

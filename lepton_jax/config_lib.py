@@ -96,6 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
   # and every variable outside `params`, are frozen: read, never given a gradient or an
   # optimizer state, and checkpointed once per run.
   config.trainable = ('.*',)
+  # Start from trained weights instead of a random init: 'hf:DIR' (a Hugging Face causal-LM
+  # directory) or 'workdir:DIR[:STEP]' (another lepton run). The model's architecture fields and
+  # the tokenizer then come from there (lepton_jax/pretrained.py).
+  config.init_from = ''
   # A step whose loss, gradient norm or update is not finite. stop: the run ends with an error
   # naming it, before its state is saved (the checkpoint before it stays the latest). skip: the
   # update is dropped, counted (train/skipped_steps), and the run ends after

@@ -2,9 +2,10 @@
 tool that reads a run (tokenizer, model, checkpoints, and the check that they agree)."""
 import dataclasses
 
+from etils import epath
 import ml_collections
 
-from lepton_jax import checkpoint, config_lib, data, sharding, train_state
+from lepton_jax import checkpoint, config_lib, data, pretrained, sharding, train_state
 from lepton_jax.model import ModelConfig, Transformer
 
 
@@ -33,3 +34,14 @@ def build(config: ml_collections.ConfigDict, workdir: str, same_split: bool,
   checkpointer = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   checkpointer.check_compatible(meta, same_split)
   return Experiment(tokenizer, model_config, model, checkpointer, meta)
+
+
+def save_run_config(config: ml_collections.ConfigDict, run: Experiment, workdir: str) -> None:
+  """Writes WORKDIR/config.json: the config with what was resolved at start-up filled in (the
+  model's vocab_size, the tokenizer's file), so another run can start from this one."""
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  resolved.model.update(dataclasses.asdict(run.model_config))
+  resolved.data.tokenizer_path = run.tokenizer.path or config.data.tokenizer_path
+  path = epath.Path(workdir) / pretrained.RUN_CONFIG
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(resolved.to_json_best_effort(indent=2))

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lepton_jax import checkpoint, config_lib, data, experiment, sharding, train_state
+from lepton_jax import checkpoint, config_lib, data, experiment, pretrained, sharding
+from lepton_jax import train_state
 
 
 def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
@@ -16,6 +17,7 @@ def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = Non
   no optimizer state is read, whichever optimizer trained them) are placed on the mesh it
   describes.
   """
+  config = pretrained.resolve(config)
   config_lib.validate(config)
   if not (epath.Path(workdir) / 'checkpoints').is_dir():  # Local or gs://, as orbax writes.
     raise FileNotFoundError(f'{workdir} holds no checkpoints; train there first '

@@ -16,8 +16,8 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from lepton_jax import cli, config_lib, data, distributed, experiment, flops, metrics
-from lepton_jax import optim, sample, sharding, steps, train_state
+from lepton_jax import checkpoint, cli, config_lib, data, distributed, experiment, flops
+from lepton_jax import metrics, optim, pretrained, sample, sharding, steps, train_state
 
 
 def evaluate(eval_fn, variables, eval_batches, batch_sharding) -> dict[str, float]:
@@ -90,6 +90,7 @@ class NonFiniteGuard:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Runs (or resumes) the experiment; returns the last logged metrics."""
+  config = pretrained.resolve(config)
   config_lib.validate(config)
   is_coordinator = distributed.is_coordinator()
   mesh = sharding.make_mesh(config.mesh)
@@ -100,6 +101,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      f'size {data_parallel} x config.grad_accum_steps={config.grad_accum_steps}')
 
   run = experiment.build(config, workdir, same_split=True)
+  if is_coordinator:
+    experiment.save_run_config(config, run, workdir)
   tokenizer, model, checkpointer = run.tokenizer, run.model, run.checkpointer
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
 
@@ -115,7 +118,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     batch_sharding = sharding.batch_sharding(mesh, rules)
     latest = checkpointer.latest_step()
     if latest is None:
-      state, frozen = train_state.init_state(model, tx, config.seed, config.seq_len, layout)
+      start_from = None
+      if config.init_from:
+        logging.info('Starting from %s', config.init_from)
+        start_from = pretrained.load_variables(
+            config, model, checkpoint.abstract_like(layout.variables, layout.variable_shardings))
+      state, frozen = train_state.init_state(model, tx, config.seed, config.seq_len, layout,
+                                             start_from)
       checkpointer.save_frozen(frozen)
     else:
       logging.info('Resuming from the checkpoint at step %d in %s', latest, workdir)

@@ -95,18 +95,24 @@ def make_layout(model: nn.Module, tx: optax.GradientTransformation, mesh, rules,
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, seq_len: int,
-               layout: Layout) -> tuple[TrainState, dict]:
+               layout: Layout, variables: dict | None = None) -> tuple[TrainState, dict]:
   """A fresh (TrainState, frozen variables), initialised under jit straight into their shardings
-  (no host ever holds the whole model)."""
-  def init():
-    params_key, dropout_key = jax.random.split(jax.random.key(seed))
-    variables = nn.unbox(model.init(params_key, jnp.zeros((1, seq_len), jnp.int32)))
+  (no host ever holds the whole model): from `variables` (trained weights placed on
+  `layout.variable_shardings`) when given, else from a random init."""
+  params_key, dropout_key = jax.random.split(jax.random.key(seed))
+
+  def start(variables):
     trainable, frozen = layout.split(variables)
     state = TrainState(step=jnp.int32(0), trainable=trainable, opt_state=tx.init(trainable),
                        rng=jax.random.key_data(dropout_key))
     return state, frozen
 
-  return jax.jit(init, out_shardings=(layout.state_shardings, layout.frozen_shardings))()
+  out_shardings = (layout.state_shardings, layout.frozen_shardings)
+  if variables is not None:
+    return jax.jit(start, in_shardings=(layout.variable_shardings,),
+                   out_shardings=out_shardings)(variables)
+  random_init = lambda: nn.unbox(model.init(params_key, jnp.zeros((1, seq_len), jnp.int32)))
+  return jax.jit(lambda: start(random_init()), out_shardings=out_shardings)()
 
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,

@@ -108,15 +108,15 @@ def test_sentencepiece_is_cached_in_workdir(spm_workdir, monkeypatch):
     raise AssertionError('retrained a cached tokenizer')
 
   monkeypatch.setattr(spm.SentencePieceTrainer, 'train', fail)
-  assert data.build_tokenizer(config.data, workdir).model_path.endswith(model_file)
+  assert data.build_tokenizer(config.data, workdir).path.endswith(model_file)
   with pytest.raises(AssertionError, match='retrained'):  # Other settings, other model.
     data.build_tokenizer(make_config(**dict(config.data, vocab_size=500)).data, workdir)
 
 
 def test_sentencepiece_training_is_deterministic(spm_workdir, tmp_path):
   config, workdir = spm_workdir
-  first = data.build_tokenizer(config.data, workdir).model_path
-  second = data.build_tokenizer(config.data, str(tmp_path)).model_path
+  first = data.build_tokenizer(config.data, workdir).path
+  second = data.build_tokenizer(config.data, str(tmp_path)).path
   with open(first, 'rb') as a, open(second, 'rb') as b:
     assert a.read() == b.read()
 
@@ -124,11 +124,11 @@ def test_sentencepiece_training_is_deterministic(spm_workdir, tmp_path):
 def test_sentencepiece_trains_into_and_loads_from_gcs(spm_workdir, fake_gcs):
   config, workdir = spm_workdir
   trained = data.build_tokenizer(config.data, 'gs://bucket/run')
-  assert trained.model_path.startswith('gs://bucket/run/tokenizer/spm_v600_')
-  with open(data.build_tokenizer(config.data, workdir).model_path, 'rb') as local_model:
-    assert (fake_gcs / trained.model_path.removeprefix('gs://')).read_bytes() == local_model.read()
+  assert trained.path.startswith('gs://bucket/run/tokenizer/spm_v600_')
+  with open(data.build_tokenizer(config.data, workdir).path, 'rb') as local_model:
+    assert (fake_gcs / trained.path.removeprefix('gs://')).read_bytes() == local_model.read()
   loaded = data.build_tokenizer(
-      make_config(**dict(config.data, tokenizer_path=trained.model_path)).data, 'gs://bucket/b')
+      make_config(**dict(config.data, tokenizer_path=trained.path)).data, 'gs://bucket/b')
   assert loaded.encode(UNICODE_TEXT) == trained.encode(UNICODE_TEXT)
   assert not (fake_gcs / 'bucket/b').exists()
 
@@ -147,7 +147,7 @@ def test_a_process_that_cannot_see_the_trained_model_says_the_workdir_must_be_sh
 def test_sentencepiece_loads_tokenizer_path(spm_workdir, tmp_path):
   config, workdir = spm_workdir
   trained = data.build_tokenizer(config.data, workdir)
-  config.data.tokenizer_path = trained.model_path
+  config.data.tokenizer_path = trained.path
   loaded = data.build_tokenizer(config.data, str(tmp_path))
   assert not os.path.exists(tmp_path / 'tokenizer')
   assert loaded.encode(UNICODE_TEXT) == trained.encode(UNICODE_TEXT)

@@ -60,7 +60,7 @@ def test_load_uses_the_runs_tokenizer_and_never_trains_another(tmp_path):
   workdir = tmp_path / 'workdir'
   train.train_and_evaluate(config, str(workdir))
   (trained_model,) = (workdir / 'tokenizer').iterdir()
-  assert sample.load(config, str(workdir))[2].model_path == str(trained_model)
+  assert sample.load(config, str(workdir))[2].path == str(trained_model)
 
   other_data = tiny_config(tmp_path, total_steps=2, **{**spm, 'data.val_fraction': 0.2})
   with pytest.raises(FileNotFoundError, match=r'tokenizer has no SentencePiece model for these '

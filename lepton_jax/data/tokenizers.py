@@ -51,6 +51,7 @@ class Tokenizer(Protocol):
   eos_id: int  # Separates documents in the packed token stream.
   eos_ids: tuple[int, ...]  # Every id that ends a sequence (eos_id first): generation stops at any.
   bos_id: int | None  # Starts every document in the stream, for models trained with one.
+  path: str  # Its file (.model) or Hugging Face directory; '' when it has none (bytes).
 
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, without bos or eos."""
@@ -68,6 +69,7 @@ class ByteTokenizer:
   eos_id = 256
   eos_ids = (256,)
   bos_id = None
+  path = ''
 
   def encode(self, text: str) -> list[int]:
     return list(text.encode('utf-8'))
@@ -86,7 +88,7 @@ class SentencePieceTokenizer:
     if not epath.Path(model_path).is_file():
       raise FileNotFoundError(f'SentencePiece model {model_path} does not exist; fix '
                               "data.tokenizer_path or set it to '' to train one.")
-    self.model_path = model_path
+    self.path = model_path
     # From bytes: SentencePiece itself reads only local files.
     self._processor = spm.SentencePieceProcessor(
         model_proto=epath.Path(model_path).read_bytes())
@@ -117,6 +119,7 @@ class HFTokenizer:
 
   def __init__(self, directory: str):
     path = _tokenizer_directory(directory)
+    self.path = directory
     self._backend = _load_backend(path)
     self.vocab_size = self._backend.vocab_size
     self.bos_id, self.eos_ids = _special_ids(path, self._backend)

@@ -147,7 +147,7 @@ def save(model: Transformer, variables: dict, path: str, tokenizer=None, *,
   plan = tensors.plan_params(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
                              nn.get_partition_spec(train_state.boxed_variables(model, 1))['params'],
                              hf_family.tensors(cfg), cfg.num_layers)
-  special = _special_ids(tokenizer)
+  special, tokenizer_files = _special_ids(tokenizer), _tokenizer_files(tokenizer)
   staging = target.parent / f'.{target.name}.partial-{os.getpid()}'
   if jax.process_index() == 0:
     staging.mkdir(parents=True, exist_ok=True)
@@ -159,8 +159,8 @@ def save(model: Transformer, variables: dict, path: str, tokenizer=None, *,
                          model_type=hf_family.model_type, dtype=dtype, **special)
       (staging / 'config.json').write_text(json.dumps(full_config, indent=2))
       (staging / 'generation_config.json').write_text(json.dumps(special, indent=2))
-      if tokenizer is not None:
-        _save_tokenizer(tokenizer, staging)
+      for source, name in tokenizer_files:
+        source.copy(staging / name)
       (staging / 'README.md').write_text(card.model_card(hf_family, cfg, params, run))
       if target.exists():
         target.rmdir()
@@ -173,21 +173,19 @@ def save(model: Transformer, variables: dict, path: str, tokenizer=None, *,
 def _special_ids(tokenizer) -> dict:
   if tokenizer is None:
     return {}
-  ids = {'eos_token_id': tokenizer.eos_id}
-  if getattr(tokenizer, 'bos_id', None) is not None:
-    ids['bos_token_id'] = tokenizer.bos_id
-  return ids
+  # bos written even when None: transformers' config classes default it (Llama's to 1) otherwise.
+  return {'bos_token_id': tokenizer.bos_id, 'eos_token_id': tokenizer.eos_id}
 
 
-def _save_tokenizer(tokenizer, directory: epath.Path) -> None:
-  """Copies a tokenizer's files (an hf tokenizer's directory, a SentencePiece model)."""
-  source = getattr(tokenizer, 'directory', None)
-  if source is not None:
-    for name in TOKENIZER_FILES:
-      if (epath.Path(source) / name).exists():
-        (epath.Path(source) / name).copy(directory / name)
-  elif getattr(tokenizer, 'model_path', None):
-    epath.Path(tokenizer.model_path).copy(directory / 'tokenizer.model')
-  else:
-    raise ValueError(f'hf.save: a {type(tokenizer).__name__} has no Hugging Face tokenizer files')
-
+def _tokenizer_files(tokenizer) -> list[tuple[epath.Path, str]]:
+  """(source, name in the export) of a tokenizer's files: an hf tokenizer's directory, or a
+  SentencePiece model (which lepton's 'hf' tokenizer reads back as tokenizer.model)."""
+  if tokenizer is None:
+    return []
+  source = epath.Path(tokenizer.path) if tokenizer.path else None
+  if source is not None and source.is_dir():
+    return [(source / name, name) for name in TOKENIZER_FILES if (source / name).exists()]
+  if source is not None and source.is_file():
+    return [(source, 'tokenizer.model')]
+  raise ValueError(f'hf.save: a {type(tokenizer).__name__} has no files to save as a Hugging Face '
+                   'tokenizer')

@@ -1,0 +1,97 @@
+"""Starting a run from trained weights (`config.init_from`) instead of a random init.
+
+  init_from='hf:/path/to/dir'         a Hugging Face causal-LM directory (lepton_jax/hf)
+  init_from='workdir:/path[:step]'    another lepton run (its latest checkpoint, or `step`)
+
+The model's architecture fields and the tokenizer come from the source: a config that sets an
+architecture field to something else than the default and the source's value is refused, naming
+both. How the model runs (attention implementation, scan, remat, dtypes) stays the config's. A
+run started this way checkpoints and resumes like any other: on resume its own checkpoint wins.
+"""
+import dataclasses
+import json
+
+from etils import epath
+import jax
+import ml_collections
+
+from lepton_jax import checkpoint, config_lib
+from lepton_jax.hf.family import ARCHITECTURE_FIELDS
+
+RUN_CONFIG = 'config.json'  # Written into every workdir by lepton-train: the resolved config.
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  kind: str  # 'hf' | 'workdir'
+  path: str
+  step: int | None = None  # workdir: the checkpoint to start from (None: the latest).
+
+
+def parse(init_from: str) -> Source:
+  kind, _, rest = init_from.partition(':')
+  if kind == 'hf' and rest:
+    return Source('hf', rest)
+  if kind == 'workdir' and rest:
+    path, _, step = rest.rpartition(':')
+    if step.isdigit() and path:
+      return Source('workdir', path, int(step))
+    return Source('workdir', rest)
+  raise ValueError(f"config.init_from={init_from!r}: expected 'hf:DIR' or 'workdir:DIR[:STEP]'")
+
+
+def _read_run_config(path: str) -> ml_collections.ConfigDict:
+  file = epath.Path(path) / RUN_CONFIG
+  if not file.exists():
+    raise FileNotFoundError(f'{file} does not exist: config.init_from=workdir:{path} needs a run '
+                            'trained by lepton-train (which writes it)')
+  return ml_collections.ConfigDict(json.loads(file.read_text()))
+
+
+def source_model_and_tokenizer(source: Source) -> tuple[dict, dict]:
+  """(architecture fields, data tokenizer fields) of the source."""
+  if source.kind == 'hf':
+    from lepton_jax import hf  # The hf extra, only when asked for.
+    return hf.architecture(source.path), {'tokenizer': 'hf', 'tokenizer_path': source.path}
+  run_config = _read_run_config(source.path)
+  return ({field: run_config.model[field] for field in ARCHITECTURE_FIELDS},
+          {'tokenizer': run_config.data.tokenizer,
+           'tokenizer_path': run_config.data.tokenizer_path})
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with the model and tokenizer of `config.init_from` (unchanged when it is '')."""
+  if not config.init_from:
+    return config
+  source = parse(config.init_from)
+  fields, tokenizer = source_model_and_tokenizer(source)
+  defaults = config_lib.model_config()
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  for field, value in fields.items():
+    given = config.model[field]
+    if given != defaults[field] and given != value:
+      raise ValueError(f'config.model.{field}={given!r} contradicts config.init_from='
+                       f'{config.init_from!r}, whose model has {field}={value!r}')
+    resolved.model[field] = value
+  if not config.data.tokenizer_path:  # An explicit tokenizer directory may replace the source's.
+    resolved.data.update(tokenizer)
+  return resolved
+
+
+def load_variables(config: ml_collections.ConfigDict, model, abstract_variables: dict) -> dict:
+  """The source's variables for `model`, placed as `abstract_variables` (with shardings) say."""
+  source = parse(config.init_from)
+  if source.kind == 'hf':
+    from lepton_jax import hf
+    mesh = jax.tree.leaves(abstract_variables)[0].sharding.mesh
+    return hf.load_variables(source.path, model, mesh, config.mesh.rules)
+  checkpointer = checkpoint.Checkpointer(source.path, read_only=True)
+  try:
+    step = source.step if source.step is not None else checkpointer.latest_step()
+    if step not in checkpointer.all_steps():
+      raise FileNotFoundError(f'{source.path}/checkpoints has no checkpoint of step {step}; it has '
+                              f'steps {checkpointer.all_steps()}')
+    return checkpointer.restore_variables(step, abstract_variables)
+  finally:
+    checkpointer.close()
+
