@@ -16,7 +16,7 @@ import jax
 import ml_collections
 
 from lepton_jax import checkpoint, config_lib
-from lepton_jax.hf.family import ARCHITECTURE_FIELDS
+from lepton_jax.model.config import ARCHITECTURE_FIELDS
 
 RUN_CONFIG = 'config.json'  # Written into every workdir by lepton-train: the resolved config.
 

@@ -1,4 +1,4 @@
-"""Runs notebooks/quickstart.ipynb end to end in a fresh kernel, shrunk to seconds of training.
+"""Runs the notebooks end to end in a fresh kernel, shrunk to seconds of training.
 
 The shrinking follows papermill's convention: a cell of overrides goes in right after the cell
 tagged `parameters`. The kernel sees one CPU device, like a Colab CPU runtime, not the 8 simulated
@@ -11,9 +11,11 @@ import re
 
 import nbclient
 import nbformat
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / 'notebooks' / 'quickstart.ipynb'
+HF_NOTEBOOK = REPO / 'notebooks' / 'hf_finetune.ipynb'
 
 OVERRIDES = """\
 config.total_steps = 30
@@ -50,10 +52,11 @@ def _kernel_env(tmp_path):
   return env
 
 
-def test_notebook_is_stored_without_outputs():
-  nb = nbformat.read(NOTEBOOK, as_version=4)
+@pytest.mark.parametrize('path', [NOTEBOOK, HF_NOTEBOOK], ids=lambda path: path.stem)
+def test_notebook_is_stored_without_outputs(path):
+  nb = nbformat.read(path, as_version=4)
   nbformat.validate(nb)
-  raw_cells = json.loads(NOTEBOOK.read_text())['cells']  # nbformat would fill missing ids in.
+  raw_cells = json.loads(path.read_text())['cells']  # nbformat would fill missing ids in.
   assert all(cell.get('id') for cell in raw_cells)
   for cell in nb.cells:
     if cell.cell_type == 'code':
@@ -85,3 +88,20 @@ def test_quickstart_runs(tmp_path):
   result = json.loads(nb.cells[-1].outputs[0]['text'])
   assert result['steps'] == [5, 10, 15, 20, 25, 30]
   assert result['final'] < result['first']
+
+
+def test_hf_finetune_runs(tmp_path):
+  pytest.importorskip('transformers')
+  nb = nbformat.read(HF_NOTEBOOK, as_version=4)
+  (params,) = _cells_with_tag(nb, 'parameters')
+  nb.cells.insert(params + 1, nbformat.v4.new_code_cell(
+      'FINETUNE_STEPS = 20', metadata={'tags': ['injected-parameters']}))
+
+  nbclient.NotebookClient(nb, kernel_name='python3', timeout=300,
+                          resources={'metadata': {'path': str(REPO)}}).execute(
+                              env=_kernel_env(tmp_path))
+
+  printed = '\n'.join(out.get('text', '') for cell in nb.cells if cell.cell_type == 'code'
+                      for out in cell.outputs if out.output_type == 'stream')
+  assert 'max |lepton - transformers| logits' in printed  # The notebook asserts both bounds.
+  assert 'changed by fine-tuning' in printed and "'model.safetensors'" in printed

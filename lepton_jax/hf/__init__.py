@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 
 from lepton_jax import config_lib, sharding, train_state
+from lepton_jax.data import tokenizers
 from lepton_jax.hf import card, family, gpt2, llama, mistral, qwen2, qwen3, tensors
 from lepton_jax.model import ModelConfig, Transformer
 
@@ -84,6 +85,11 @@ def load(path: str, dtype: str | None = None, *, mesh: jax.sharding.Mesh | None 
   """
   model = Transformer(model_config(path, dtype, **run_fields))
   return model, load_variables(path, model, mesh, rules)
+
+
+def load_tokenizer(path: str) -> tokenizers.HFTokenizer:
+  """The tokenizer of a Hugging Face directory (as `data.tokenizer='hf'` builds it)."""
+  return tokenizers.HFTokenizer(path)
 
 
 def load_variables(path: str, model: Transformer, mesh=None, rules=config_lib.DEFAULT_RULES) -> dict:

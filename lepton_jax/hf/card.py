@@ -5,11 +5,12 @@ import jax
 
 from lepton_jax.hf import family
 from lepton_jax.model import ModelConfig
+from lepton_jax.model.config import ARCHITECTURE_FIELDS
 
 
 def model_card(hf_family: family.Family, cfg: ModelConfig, params: dict, run: dict | None) -> str:
   count = sum(leaf.size for leaf in jax.tree.leaves(params))
-  rows = '\n'.join(f'| {field} | {getattr(cfg, field)} |' for field in family.ARCHITECTURE_FIELDS)
+  rows = '\n'.join(f'| {field} | {getattr(cfg, field)} |' for field in ARCHITECTURE_FIELDS)
   lines = [
       '---', 'library_name: transformers', 'tags: [lepton_jax]', '---', '',
       f'# {hf_family.architecture}', '',

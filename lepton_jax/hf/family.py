@@ -13,14 +13,6 @@ from typing import Any, Callable
 
 from lepton_jax.model import ModelConfig
 
-# The ModelConfig fields a checkpoint determines. The others (attention implementation, scan,
-# remat, dtypes, dropout) say how lepton runs the model, not what it computes.
-ARCHITECTURE_FIELDS = (
-    'vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim', 'd_ff', 'mlp',
-    'norm', 'norm_eps', 'positions', 'rope_theta', 'rope_scaling', 'rope_scaling_factor',
-    'rope_low_freq_factor', 'rope_high_freq_factor', 'rope_original_max_len', 'max_seq_len',
-    'sliding_window', 'qkv_bias', 'out_bias', 'mlp_bias', 'tie_embeddings', 'qk_norm')
-
 # Values of the rope fields when rope_scaling is 'none' (they are then unused).
 NO_ROPE_SCALING = dict(rope_scaling='none', rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
                        rope_high_freq_factor=4.0, rope_original_max_len=8192)

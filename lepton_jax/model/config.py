@@ -3,6 +3,14 @@ import dataclasses
 
 import ml_collections
 
+# The ModelConfig fields a checkpoint determines: what the model computes. The others (attention
+# implementation, scan, remat, dtypes, dropout) say how lepton runs it.
+ARCHITECTURE_FIELDS = (
+    'vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim', 'd_ff', 'mlp',
+    'norm', 'norm_eps', 'positions', 'rope_theta', 'rope_scaling', 'rope_scaling_factor',
+    'rope_low_freq_factor', 'rope_high_freq_factor', 'rope_original_max_len', 'max_seq_len',
+    'sliding_window', 'qkv_bias', 'out_bias', 'mlp_bias', 'tie_embeddings', 'qk_norm')
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
