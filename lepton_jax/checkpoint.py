@@ -5,19 +5,24 @@ A workdir holds `checkpoints/STEP/` with three items: `state` (step, trainable p
 state, rng; sharded arrays written by all processes), `data` (each process's data iterator
 position, one JSON file per process: streaming pipelines differ per process) and `meta` (JSON:
 every variable's name, shape, dtype and whether it trains). The frozen variables do not change,
-so they are written once per run, to `frozen/`, not into every step.
+so they are written once per run, to `frozen/`, not into every step; when they all came from the
+run's `init_from` source (a LoRA run's base), not even once: every checkpoint's `meta` then
+records the source and a fingerprint of those values, and a restore reads them from the source
+again, refusing one whose fingerprint differs.
 
 `meta` lets a restart refuse a workdir that holds a different model before anything is written
 to it, and lets evaluation, sampling and export restore the model's variables alone (no optimizer
 state read), onto any mesh. Checkpoints written before `meta` described the variables (format 1:
 the state item's params all trained) restore too.
 """
+import hashlib
 import json
-from typing import Any
+from typing import Any, Callable
 
 from etils import epath
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -56,9 +61,12 @@ def first_difference(saved: dict, wanted: dict, same_split: bool) -> str | None:
 
 class Checkpointer:
   """Keeps the last `keep` checkpoints of a workdir; saves asynchronously. `read_only` opens
-  another run's checkpoints to read from, never changing them."""
+  another run's checkpoints to read from, never changing them. `frozen_source(abstract)` loads
+  frozen variables from the run's `init_from` source, for checkpoints that reference it."""
 
-  def __init__(self, workdir: str, keep: int | None = None, read_only: bool = False):
+  def __init__(self, workdir: str, keep: int | None = None, read_only: bool = False,
+               frozen_source: Callable[[dict], dict] | None = None):
+    self._frozen_source = frozen_source
     self._manager = ocp.CheckpointManager(
         epath.Path(workdir) / 'checkpoints',
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
@@ -93,13 +101,22 @@ class Checkpointer:
       raise ValueError(f'{self._manager.directory} holds a checkpoint (step {step}) of a different '
                        f'model: {difference}; use a new --workdir or restore that config')
 
-  def save_frozen(self, frozen: dict) -> None:
-    """Writes the run's frozen variables (once, before the first step checkpoint refers to them)."""
+  def save_frozen(self, frozen: dict, source: str = '', loaded: dict | None = None) -> dict | None:
+    """Writes the run's frozen variables (once, before the first step checkpoint refers to them),
+    or, when every one of them is a value `loaded` from `source` (config.init_from), returns the
+    reference to put in each checkpoint's meta (`frozen_from`) instead of copying them."""
     if not frozen:
-      return
+      return None
+    if loaded is not None and set(tree.names(frozen)) <= set(tree.names(loaded)):
+      return {'source': source, 'fingerprint': fingerprint(frozen)}
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(self._frozen_dir, frozen, force=True)
     checkpointer.wait_until_finished()
+    return None
+
+  def frozen_reference(self, step: int) -> dict | None:
+    """Checkpoint `step`'s `frozen_from` reference, if its frozen variables live in a source."""
+    return self._meta(step).get('frozen_from')
 
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator, meta: dict,
            force: bool = False) -> bool:
@@ -125,7 +142,8 @@ class Checkpointer:
                                    opt_state=saved['opt_state'], rng=saved['rng'])
     if data_iterator is not None:
       data_iterator.set_state(self._data_state(step, data_state_is_global))
-    return state, self._restore_frozen(abstract_like(layout.frozen, layout.frozen_shardings))
+    return state, self._restore_frozen(abstract_like(layout.frozen, layout.frozen_shardings),
+                                       self._meta(step))
 
   def restore_variables(self, step: int, abstract_variables: dict) -> dict:
     """The model's whole variables dict from checkpoint `step`, without its optimizer state.
@@ -142,15 +160,29 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         {key: trainable}, restore_args=ocp.checkpoint_utils.construct_restore_args({key: trainable}),
         partial_restore=True)))['state']
-    return tree.merge({'params': restored[key]}, self._restore_frozen(frozen))
+    return tree.merge({'params': restored[key]}, self._restore_frozen(frozen, meta))
 
-  def _restore_frozen(self, abstract_frozen: dict) -> dict:
+  def _restore_frozen(self, abstract_frozen: dict, meta: dict) -> dict:
     if not abstract_frozen:
       return {}
+    if 'frozen_from' in meta:
+      return self._frozen_from_source(abstract_frozen, meta['frozen_from'])
     if not self._frozen_dir.exists():
       raise FileNotFoundError(f'{self._frozen_dir} is missing: the checkpoints in '
                               f'{self._manager.directory} need the frozen variables saved there')
     return ocp.StandardCheckpointer().restore(self._frozen_dir, abstract_frozen)
+
+  def _frozen_from_source(self, abstract_frozen: dict, reference: dict) -> dict:
+    if self._frozen_source is None:
+      raise ValueError(f'{self._manager.directory}: its frozen variables come from '
+                       f'{reference["source"]!r}; give that as config.init_from')
+    frozen = self._frozen_source(abstract_frozen)
+    found = fingerprint(frozen)
+    if found != reference['fingerprint']:
+      raise ValueError(f'{self._manager.directory} was trained on a base with fingerprint '
+                       f'{reference["fingerprint"]}, but config.init_from gives one with fingerprint '
+                       f'{found}: restore onto the base it was trained on')
+    return frozen
 
   def _meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
@@ -184,3 +216,21 @@ def _trainable_key(meta: dict) -> str:
 def abstract_like(tree_: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree_, shardings)
+
+
+def fingerprint(variables: dict) -> str:
+  """A short hash of every value of a tree (names, shapes, dtypes and each element's bits), the
+  same on any mesh: the per-leaf sums of bit patterns are integer sums, exact in any order."""
+  digest = hashlib.sha256()
+  for name, leaf in zip(tree.names(variables), jax.tree.leaves(variables)):
+    digest.update(f'{name}:{tuple(leaf.shape)}:{np.dtype(leaf.dtype).name};'.encode())
+    digest.update(np.asarray(_bit_sums(leaf)).tobytes())
+  return digest.hexdigest()[:16]
+
+
+@jax.jit
+def _bit_sums(x: jax.Array) -> jax.Array:
+  bits_type = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+  bits = jax.lax.bitcast_convert_type(x, bits_type).astype(jnp.uint32).reshape(-1)
+  weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+  return jnp.stack([jnp.sum(bits), jnp.sum(bits * weights)])  # uint32 sums wrap: still exact.

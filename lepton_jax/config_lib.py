@@ -8,6 +8,7 @@ import ml_collections
 
 from lepton_jax import data, optim
 from lepton_jax.model import attention, layers, transformer
+from lepton_jax.model.config import LORA_INITS
 
 # Logical axis -> mesh axes (t5x/MaxText style). Three shipped sets; pick one in a config with
 # `config.mesh.rules = config_lib.RULE_SETS[name]` or write your own table.
@@ -108,6 +109,20 @@ def base_config() -> ml_collections.ConfigDict:
   config.max_consecutive_skips = 10
 
   config.model = model_config()
+
+  # Low-rank adapters (lepton_jax/lora.py): set targets to train adapters on a frozen base;
+  # config.trainable left at its default then means the adapters alone.
+  config.lora = ml_collections.ConfigDict(dict(
+      # q k v o gate up down (shorthands), 'all-linear', or regexes over Dense module paths.
+      targets=(),
+      rank=8,
+      alpha=16.0,  # Scale alpha / rank (alpha / sqrt(rank) with rslora).
+      dropout=0.0,  # On the adapter's input.
+      rslora=False,
+      dora=False,  # Weight-decomposed LoRA (Liu et al. 2024): a learned magnitude per column.
+      init='kaiming',  # kaiming | gaussian: how A starts; B starts at zero.
+      plus_ratio=1.0,  # LoRA+: B's learning rate / A's (the paper suggests ~16).
+  ))
 
   config.data = ml_collections.ConfigDict(dict(
       source='stdlib',  # stdlib | text | tfds
@@ -217,6 +232,7 @@ CHOICES = {
     'optimizer.name': optim.OPTIMIZERS,
     'optimizer.schedule': optim.SCHEDULES,
     'nonfinite': ('stop', 'skip'),  # What train.NonFiniteGuard does with a non-finite step.
+    'lora.init': LORA_INITS,
 }
 POSITIVE = ('total_steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every_steps',
             'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
@@ -257,6 +273,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.shuffle_window < 0:
     raise ValueError(f'config.data.shuffle_window={config.data.shuffle_window}: must be >= 0 '
                      '(0 keeps the packed order)')
+  if config.lora.targets and config.lora.rank <= 0:
+    raise ValueError(f'config.lora.rank={config.lora.rank}: must be positive when '
+                     'config.lora.targets is set')
+  if not 0.0 <= config.lora.dropout < 1.0 or config.lora.plus_ratio <= 0:
+    raise ValueError('config.lora.dropout must be in [0, 1) and config.lora.plus_ratio positive')
   if m.vocab_size < 0 or not 0.0 <= m.dropout < 1.0:
     raise ValueError('config.model.vocab_size must be >= 0 and config.model.dropout in [0, 1)')
 

@@ -5,15 +5,17 @@ import dataclasses
 from etils import epath
 import ml_collections
 
-from lepton_jax import checkpoint, config_lib, data, pretrained, sharding, train_state
+from lepton_jax import checkpoint, config_lib, data, lora, optim, pretrained, sharding
+from lepton_jax import train_state
 from lepton_jax.model import ModelConfig, Transformer
 
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   tokenizer: data.Tokenizer
-  model_config: ModelConfig  # config.model with vocab_size resolved.
+  model_config: ModelConfig  # config.model with vocab_size resolved, and config.lora.
   model: Transformer
+  trainable: tuple[str, ...]  # Patterns of the params that train (lora.trainable_patterns).
   checkpointer: checkpoint.Checkpointer
   meta: dict  # checkpoint.describe() of the model's variables, saved with every checkpoint.
 
@@ -26,21 +28,36 @@ def build(config: ml_collections.ConfigDict, workdir: str, same_split: bool,
   `same_split`, as for resuming training, trains other ones), before anything is written.
   """
   tokenizer = data.build_tokenizer(config.data, workdir, train_if_missing=train_tokenizer)
-  model_config = ModelConfig.from_config(config_lib.resolve_vocab(config.model, tokenizer))
+  model_config = ModelConfig.from_config(config_lib.resolve_vocab(config.model, tokenizer),
+                                         config.lora)
   model = Transformer(model_config)
   variables = sharding.unbox_abstract(train_state.boxed_variables(model, config.seq_len))
-  mask = train_state.trainable_mask(variables['params'], config.trainable)
+  lora.check_targets(model_config.lora, variables['params'], model_config.tie_embeddings)
+  trainable = lora.trainable_patterns(config)
+  mask = train_state.trainable_mask(variables['params'], trainable)
   meta = checkpoint.describe(variables, mask)
-  checkpointer = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+  frozen_source = None
+  if config.init_from:  # A LoRA run's checkpoints reference their base there.
+    frozen_source = lambda abstract: pretrained.load_variables(config, model, abstract)
+  checkpointer = checkpoint.Checkpointer(workdir, config.keep_checkpoints,
+                                         frozen_source=frozen_source)
   checkpointer.check_compatible(meta, same_split)
-  return Experiment(tokenizer, model_config, model, checkpointer, meta)
+  return Experiment(tokenizer, model_config, model, trainable, checkpointer, meta)
+
+
+def make_optimizer(config: ml_collections.ConfigDict):
+  """(optax transformation, schedule) of a run: config.optimizer, with LoRA+'s learning rate
+  for the adapters' B."""
+  return optim.make_optimizer(config.optimizer, config.total_steps,
+                              ((lora.B_PARAMS, config.lora.plus_ratio),))
 
 
 def save_run_config(config: ml_collections.ConfigDict, run: Experiment, workdir: str) -> None:
   """Writes WORKDIR/config.json: the config with what was resolved at start-up filled in (the
   model's vocab_size, the tokenizer's file), so another run can start from this one."""
   resolved = ml_collections.ConfigDict(config.to_dict())
-  resolved.model.update(dataclasses.asdict(run.model_config))
+  resolved.model.update({k: v for k, v in dataclasses.asdict(run.model_config).items()
+                         if k != 'lora'})  # config.lora stays where it is.
   resolved.data.tokenizer_path = run.tokenizer.path or config.data.tokenizer_path
   path = epath.Path(workdir) / pretrained.RUN_CONFIG
   path.parent.mkdir(parents=True, exist_ok=True)

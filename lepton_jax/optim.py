@@ -9,7 +9,7 @@ SCHEDULES = ('cosine', 'linear', 'wsd')
 # Param names (see lepton_jax/tree.py) that weight decay acts on: matmul kernels; with
 # `decay_embeddings` the token and position tables too. Norm scales and biases never decay, and a
 # new leaf (an int8 `scale`, an adapter) decays only if a pattern names it.
-DECAYED = (r'(.*/)?kernel',)
+DECAYED = (r'(.*/)?kernel', r'(.*/)?lora_(a|b)')
 EMBEDDINGS = (r'(.*/)?embedding', r'(.*/)?pos_embedding')
 
 
@@ -38,8 +38,10 @@ def decay_mask(params, decay_embeddings: bool):
   return tree.mask(params, DECAYED + (EMBEDDINGS if decay_embeddings else ()))
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int):
-  """-> (optax transformation, schedule)."""
+def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int,
+                   lr_ratios: tuple[tuple[tuple[str, ...], float], ...] = ()):
+  """-> (optax transformation, schedule). `lr_ratios`: (param name patterns, factor) pairs that
+  scale those params' learning rate (LoRA+ gives B its own)."""
   schedule = make_schedule(opt, total_steps)
   mask = lambda params: decay_mask(params, opt.decay_embeddings)
   if opt.name == 'adamw':
@@ -54,4 +56,7 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int):
   else:
     raise ValueError(f'config.optimizer.name={opt.name!r}: expected one of {OPTIMIZERS}')
   clip = [optax.clip_by_global_norm(opt.clip_norm)] if opt.clip_norm else []
-  return optax.chain(*clip, core), schedule
+  # The update is -lr * direction, so scaling it scales that param's learning rate.
+  ratios = [optax.masked(optax.scale(factor), lambda params, p=patterns: tree.mask(params, p))
+            for patterns, factor in lr_ratios if factor != 1.0]
+  return optax.chain(*clip, core, *ratios), schedule

@@ -15,8 +15,9 @@ from etils import epath
 import jax
 import ml_collections
 
-from lepton_jax import checkpoint, config_lib
-from lepton_jax.model.config import ARCHITECTURE_FIELDS
+from lepton_jax import checkpoint, config_lib, lora, tree
+from lepton_jax.model import Transformer
+from lepton_jax.model.config import ARCHITECTURE_FIELDS, LoraConfig
 
 RUN_CONFIG = 'config.json'  # Written into every workdir by lepton-train: the resolved config.
 
@@ -79,19 +80,22 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def load_variables(config: ml_collections.ConfigDict, model, abstract_variables: dict) -> dict:
-  """The source's variables for `model`, placed as `abstract_variables` (with shardings) say."""
+  """The source's values of the leaves of `abstract_variables` (with shardings: where they go)
+  that are not LoRA adapters: a LoRA run's adapters are new, its base comes from the source."""
+  wanted = dict(abstract_variables, params=lora.base_of(abstract_variables.get('params', {})))
   source = parse(config.init_from)
   if source.kind == 'hf':
     from lepton_jax import hf
     mesh = jax.tree.leaves(abstract_variables)[0].sharding.mesh
-    return hf.load_variables(source.path, model, mesh, config.mesh.rules)
+    base_model = Transformer(dataclasses.replace(model.cfg, lora=LoraConfig()))
+    return tree.select(hf.load_variables(source.path, base_model, mesh, config.mesh.rules), wanted)
   checkpointer = checkpoint.Checkpointer(source.path, read_only=True)
   try:
     step = source.step if source.step is not None else checkpointer.latest_step()
     if step not in checkpointer.all_steps():
       raise FileNotFoundError(f'{source.path}/checkpoints has no checkpoint of step {step}; it has '
                               f'steps {checkpointer.all_steps()}')
-    return checkpointer.restore_variables(step, abstract_variables)
+    return checkpointer.restore_variables(step, wanted)
   finally:
     checkpointer.close()
 

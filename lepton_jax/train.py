@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from lepton_jax import checkpoint, cli, config_lib, data, distributed, experiment, flops
-from lepton_jax import metrics, optim, pretrained, sample, sharding, steps, train_state
+from lepton_jax import metrics, pretrained, sample, sharding, steps, train_state
 
 
 def evaluate(eval_fn, variables, eval_batches, batch_sharding) -> dict[str, float]:
@@ -104,7 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_coordinator:
     experiment.save_run_config(config, run, workdir)
   tokenizer, model, checkpointer = run.tokenizer, run.model, run.checkpointer
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  tx, schedule = experiment.make_optimizer(config)
 
   train_iter = data.make_train_iterator(config, tokenizer, jax.process_index(),
                                         jax.process_count())
@@ -114,7 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   peak_flops = flops.peak_flops_per_device(run.model_config.dtype)
 
   with sharding.use_mesh(mesh, rules):
-    layout = train_state.make_layout(model, tx, mesh, rules, config.seq_len, config.trainable)
+    layout = train_state.make_layout(model, tx, mesh, rules, config.seq_len, run.trainable)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     latest = checkpointer.latest_step()
     if latest is None:
@@ -125,11 +125,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             config, model, checkpoint.abstract_like(layout.variables, layout.variable_shardings))
       state, frozen = train_state.init_state(model, tx, config.seed, config.seq_len, layout,
                                              start_from)
-      checkpointer.save_frozen(frozen)
+      frozen_from = checkpointer.save_frozen(frozen, config.init_from, start_from)
     else:
       logging.info('Resuming from the checkpoint at step %d in %s', latest, workdir)
       state, frozen = checkpointer.restore(latest, layout, train_iter,
                                            data_state_is_global=not config.data.streaming)
+      frozen_from = checkpointer.frozen_reference(latest)
+    meta = dict(run.meta, frozen_from=frozen_from) if frozen_from else run.meta
 
     train_fn = train_state.jit_train_step(model, tx, schedule, config, layout, batch_sharding)
     eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
@@ -196,7 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           report(*pending)  # Before saving: a non-finite step is never written.
           pending = None
         if should_save:
-          checkpointer.save(step, state, train_iter, run.meta, force=preempted)
+          checkpointer.save(step, state, train_iter, meta, force=preempted)
         if preempted:
           logging.warning('Preempted at step %d: checkpoint written, exiting.', step)
           break

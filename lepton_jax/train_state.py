@@ -97,22 +97,24 @@ def make_layout(model: nn.Module, tx: optax.GradientTransformation, mesh, rules,
 def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, seq_len: int,
                layout: Layout, variables: dict | None = None) -> tuple[TrainState, dict]:
   """A fresh (TrainState, frozen variables), initialised under jit straight into their shardings
-  (no host ever holds the whole model): from `variables` (trained weights placed on
-  `layout.variable_shardings`) when given, else from a random init."""
+  (no host ever holds the whole model). `variables` (trained weights placed on the layout's
+  shardings, for any subset of the model's variables: a base without its new adapters) replace
+  the random init where given."""
   params_key, dropout_key = jax.random.split(jax.random.key(seed))
+  given = variables or {}
 
-  def start(variables):
-    trainable, frozen = layout.split(variables)
+  def init(given):
+    # The random values that `given` replaces are dead code to XLA: never computed.
+    random = nn.unbox(model.init(params_key, jnp.zeros((1, seq_len), jnp.int32)))
+    trainable, frozen = layout.split(tree.merge(given, tree.partition(
+        random, tree.map_with_names(lambda name, _: name not in given_names, random))[0]))
     state = TrainState(step=jnp.int32(0), trainable=trainable, opt_state=tx.init(trainable),
                        rng=jax.random.key_data(dropout_key))
     return state, frozen
 
-  out_shardings = (layout.state_shardings, layout.frozen_shardings)
-  if variables is not None:
-    return jax.jit(start, in_shardings=(layout.variable_shardings,),
-                   out_shardings=out_shardings)(variables)
-  random_init = lambda: nn.unbox(model.init(params_key, jnp.zeros((1, seq_len), jnp.int32)))
-  return jax.jit(lambda: start(random_init()), out_shardings=out_shardings)()
+  given_names = set(tree.names(given))
+  return jax.jit(init, in_shardings=(tree.select(layout.variable_shardings, given),),
+                 out_shardings=(layout.state_shardings, layout.frozen_shardings))(given)
 
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,

@@ -64,6 +64,13 @@ def partition(tree: dict, selected: dict) -> tuple[dict, dict]:
   return traverse_util.unflatten_dict(chosen), traverse_util.unflatten_dict(rest)
 
 
+def select(tree: dict, like: dict) -> dict:
+  """The leaves of `tree` whose paths are leaves of `like` too (a nested dict shaped like it)."""
+  wanted = set(traverse_util.flatten_dict(like))
+  return traverse_util.unflatten_dict(
+      {k: v for k, v in traverse_util.flatten_dict(tree).items() if k in wanted})
+
+
 def merge(*trees: dict) -> dict:
   """The union of nested dicts with disjoint leaves (the inverse of `partition`)."""
   flat = {}

@@ -20,7 +20,8 @@ from absl import flags
 import jax
 import numpy as np
 
-from lepton_jax import cli, config_lib, data, flops, optim, sharding, steps, train_state
+from lepton_jax import cli, config_lib, data, experiment, flops, lora, sharding, steps
+from lepton_jax import train_state
 from lepton_jax.model import ModelConfig, Transformer
 
 cli.define_flags()
@@ -62,14 +63,15 @@ def main(argv):
   cli.initialize_distributed()
   config = flags.FLAGS.config
   config_lib.validate(config)
-  model_config = ModelConfig.from_config(resolved_model_config(config))
+  model_config = ModelConfig.from_config(resolved_model_config(config), config.lora)
   model = Transformer(model_config)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  tx, schedule = experiment.make_optimizer(config)
   mesh = sharding.make_mesh(config.mesh)
   rules = config.mesh.rules
 
   with sharding.use_mesh(mesh, rules):
-    layout = train_state.make_layout(model, tx, mesh, rules, config.seq_len, config.trainable)
+    layout = train_state.make_layout(model, tx, mesh, rules, config.seq_len,
+                                     lora.trainable_patterns(config))
     batch_sharding = sharding.batch_sharding(mesh, rules)
     state, frozen = train_state.init_state(model, tx, config.seed, config.seq_len, layout)
     if flags.FLAGS.part == 'step':

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.experimental import topologies
 
-from lepton_jax import checkpoint, cli, optim, sharding, train_state
+from lepton_jax import checkpoint, cli, experiment, lora, sharding, train_state
 from lepton_jax.data import tokenizers
 from lepton_jax.model import ModelConfig, Transformer
 
@@ -43,7 +43,7 @@ def model_with_vocab(config: ml_collections.ConfigDict) -> Transformer:
     bytes_tokenizer = config.data.tokenizer == 'bytes'
     model_config.vocab_size = (tokenizers.ByteTokenizer.vocab_size if bytes_tokenizer
                                else config.data.vocab_size)
-  return Transformer(ModelConfig.from_config(model_config))
+  return Transformer(ModelConfig.from_config(model_config, config.lora))
 
 
 def compile_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device]):
@@ -51,9 +51,10 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[jax.Devi
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = config.mesh.rules
   model = model_with_vocab(config)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  tx, schedule = experiment.make_optimizer(config)
   # Outside the mesh context: make_layout makes a dummy input on the default (CPU) device.
-  layout = train_state.make_layout(model, tx, mesh, rules, config.seq_len, config.trainable)
+  layout = train_state.make_layout(model, tx, mesh, rules, config.seq_len,
+                                   lora.trainable_patterns(config))
   batch_sharding = sharding.batch_sharding(mesh, rules)
   tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32,
                                 sharding=batch_sharding)

@@ -7,6 +7,7 @@
 Each family (llama, mistral, qwen2, qwen3, gpt2) maps its config.json and tensor names in its
 own module; docs/hf.md lists which fields map to what. Needs the `hf` extra (safetensors).
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -15,10 +16,11 @@ from etils import epath
 import flax.linen as nn
 import jax
 
-from lepton_jax import config_lib, sharding, train_state
+from lepton_jax import config_lib, lora, sharding, train_state, tree
 from lepton_jax.data import tokenizers
-from lepton_jax.hf import card, family, gpt2, llama, mistral, qwen2, qwen3, tensors
+from lepton_jax.hf import card, family, gpt2, llama, mistral, peft, qwen2, qwen3, tensors
 from lepton_jax.model import ModelConfig, Transformer
+from lepton_jax.model.config import LoraConfig
 
 FAMILIES = {f.model_type: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY,
                                       gpt2.FAMILY)}
@@ -74,17 +76,23 @@ def _mesh_or_default(mesh):
                                axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
 
 
-def load(path: str, dtype: str | None = None, *, mesh: jax.sharding.Mesh | None = None,
-         rules=config_lib.DEFAULT_RULES, **run_fields) -> tuple[Transformer, dict]:
+def load(path: str, dtype: str | None = None, *, adapter: str | None = None,
+         mesh: jax.sharding.Mesh | None = None, rules=config_lib.DEFAULT_RULES,
+         **run_fields) -> tuple[Transformer, dict]:
   """(model, variables) of a Hugging Face causal-LM directory.
 
   `dtype` ('float32', 'bfloat16'; None: the checkpoint's) is the params' and compute dtype.
-  The variables are placed on `mesh` by `rules` (default: one device); each process reads only
-  the slices its devices hold. `run_fields` set ModelConfig fields that do not change what the
-  model computes (scan_layers, attention, remat).
+  `adapter`: a PEFT LoRA directory over this base; the model then carries it as lepton LoRA
+  adapters (lepton_jax/lora.py merges or switches them). The variables are placed on `mesh` by
+  `rules` (default: one device); each process reads only the slices its devices hold.
+  `run_fields` set ModelConfig fields that do not change what the model computes (scan_layers,
+  attention, remat).
   """
-  model = Transformer(model_config(path, dtype, **run_fields))
-  return model, load_variables(path, model, mesh, rules)
+  cfg = model_config(path, dtype, **run_fields)
+  if adapter is not None:
+    cfg = dataclasses.replace(cfg, lora=peft.read_config(adapter, read_config(path)[0], cfg))
+  model = Transformer(cfg)
+  return model, load_variables(path, model, mesh, rules, adapter)
 
 
 def load_tokenizer(path: str) -> tokenizers.HFTokenizer:
@@ -92,19 +100,32 @@ def load_tokenizer(path: str) -> tokenizers.HFTokenizer:
   return tokenizers.HFTokenizer(path)
 
 
-def load_variables(path: str, model: Transformer, mesh=None, rules=config_lib.DEFAULT_RULES) -> dict:
-  """The variables of `model`, whose config must describe the checkpoint at `path`, on `mesh`."""
+def load_variables(path: str, model: Transformer, mesh=None, rules=config_lib.DEFAULT_RULES,
+                   adapter: str | None = None) -> dict:
+  """The variables of `model`, whose config must describe the checkpoint at `path` (and its
+  adapters the PEFT directory `adapter`), on `mesh`."""
   hf_family, _ = read_config(path)
   cfg, mesh = model.cfg, _mesh_or_default(mesh)
-  checkpoint = tensors.Checkpoint(epath.Path(path))
   boxed = train_state.boxed_variables(model, seq_len=1)
   abstract = sharding.unbox_abstract(boxed)['params']
   shardings = sharding.param_shardings(boxed, mesh, rules)['params']
   params = tensors.plan_params(abstract, nn.get_partition_spec(boxed)['params'],
-                               hf_family.tensors(cfg), cfg.num_layers)
-  buffers = hf_family.buffers + (('lm_head.weight',) if cfg.tie_embeddings else ())
-  checkpoint.check(params, buffers, cfg.num_layers)
-  leaves = {p.name: tensors.load_array(checkpoint, p, shape.shape, shard, cfg.param_dtype)
+                               {**hf_family.tensors(cfg), **peft.tensors(hf_family, cfg)},
+                               cfg.num_layers)
+  is_adapter = lambda p: tree.matches(lora.ADAPTERS, p.name)
+  base = tensors.Checkpoint(epath.Path(path))
+  base.check([p for p in params if not is_adapter(p)],
+             hf_family.buffers + (('lm_head.weight',) if cfg.tie_embeddings else ()),
+             cfg.num_layers)
+  sources = {False: base}
+  if cfg.lora.enabled:
+    if adapter is None:
+      raise ValueError(f'{path} holds no LoRA adapters: load the base without config.lora, or '
+                       'give a PEFT adapter directory')
+    sources[True] = tensors.Checkpoint(epath.Path(adapter), single=peft.WEIGHTS)
+    sources[True].check([p for p in params if is_adapter(p)], (), cfg.num_layers)
+  leaves = {p.name: tensors.load_array(sources[is_adapter(p)], p, shape.shape, shard,
+                                       cfg.param_dtype)
             for p, shape, shard in zip(params, jax.tree.leaves(abstract),
                                        jax.tree.leaves(shardings))}
   return {'params': _unflatten(leaves)}
@@ -144,6 +165,9 @@ def save(model: Transformer, variables: dict, path: str, tokenizer=None, *,
   first, so a failure leaves nothing behind.
   """
   cfg = model.cfg
+  if cfg.lora.enabled:
+    raise ValueError('hf.save: the model carries LoRA adapters; lora.merge(model, variables) '
+                     'first, or hf.save_adapter(model, variables, path) for the adapters alone')
   hf_family, hf_config = family_of(cfg)
   target = epath.Path(path)
   if target.exists() and any(target.iterdir()):
@@ -174,6 +198,30 @@ def save(model: Transformer, variables: dict, path: str, tokenizer=None, *,
   finally:
     if jax.process_index() == 0 and staging.exists():
       shutil.rmtree(staging)
+
+
+def save_adapter(model: Transformer, variables: dict, path: str) -> None:
+  """Writes `model`'s LoRA adapters as a PEFT directory (adapter_config.json,
+  adapter_model.safetensors) that `peft.PeftModel.from_pretrained(base, path)` loads."""
+  cfg = model.cfg
+  if not cfg.lora.enabled:
+    raise ValueError('hf.save_adapter: the model has no LoRA adapters (config.lora.targets)')
+  hf_family, _ = family_of(dataclasses.replace(cfg, lora=LoraConfig()))
+  target = epath.Path(path)
+  if target.exists() and any(target.iterdir()):
+    raise FileExistsError(f'{target} exists and is not empty; give a new directory')
+  adapter = lora.adapter_of(variables['params'])
+  adapted = sorted({name.rsplit('/', 1)[0] for name in tree.names(adapter)})
+  plan = tensors.plan_params(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), adapter),
+      lora.adapter_of(nn.get_partition_spec(train_state.boxed_variables(model, 1))['params']),
+      peft.tensors(hf_family, cfg), cfg.num_layers)
+  adapter_config = peft.adapter_config(hf_family, cfg, adapted)
+  if jax.process_index() == 0:
+    target.mkdir(parents=True, exist_ok=True)
+    (target / peft.CONFIG).write_text(json.dumps(adapter_config, indent=2))
+  tensors.write(target, tensors.hf_tensors(plan), tensors.leaves_by_name(adapter), MAX_SHARD_BYTES,
+                single=peft.WEIGHTS)
 
 
 def _special_ids(tokenizer) -> dict:

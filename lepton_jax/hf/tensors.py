@@ -78,17 +78,18 @@ def _view_groups(logical_names: tuple) -> tuple[tuple[int, ...], ...]:
 
 
 class Checkpoint:
-  """The safetensors files of a Hugging Face directory: which file holds each tensor, its shape."""
+  """The safetensors files of a Hugging Face directory: which file holds each tensor, its shape.
+  `single` names the one-file form (a PEFT adapter's is adapter_model.safetensors)."""
 
-  def __init__(self, directory: epath.Path):
+  def __init__(self, directory: epath.Path, single: str = SINGLE):
     self.directory = directory
-    if (directory / INDEX).exists():
+    if (directory / INDEX).exists() and single == SINGLE:
       weight_map = json.loads((directory / INDEX).read_text())['weight_map']
       files = sorted(set(weight_map.values()))
-    elif (directory / SINGLE).exists():
-      files = [SINGLE]
+    elif (directory / single).exists():
+      files = [single]
     else:
-      raise FileNotFoundError(f'{directory} holds neither {SINGLE} nor {INDEX}')
+      raise FileNotFoundError(f'{directory} holds neither {single} nor {INDEX}')
     self.file_of, self.shapes = {}, {}
     for file in files:
       path = directory / file
@@ -202,15 +203,16 @@ def gather_tensor(pieces: list, values: dict[str, jax.Array]) -> np.ndarray:
 
 
 def write(directory: epath.Path, tensors: dict[str, list], values: dict[str, jax.Array],
-          max_shard_bytes: int) -> None:
-  """Writes model.safetensors, or numbered shards and the index above `max_shard_bytes`."""
+          max_shard_bytes: int, single: str = SINGLE) -> None:
+  """Writes `single` (model.safetensors), or numbered shards and the index above
+  `max_shard_bytes`."""
   sizes = {name: _nbytes(pieces, values) for name, pieces in tensors.items()}
   shards = [[]]
   for name in tensors:
     if shards[-1] and sum(sizes[n] for n in shards[-1]) + sizes[name] > max_shard_bytes:
       shards.append([])
     shards[-1].append(name)
-  files = ([SINGLE] if len(shards) == 1 else
+  files = ([single] if len(shards) == 1 else
            [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))])
   for file, names in zip(files, shards):
     arrays = {name: gather_tensor(tensors[name], values) for name in names}

@@ -86,7 +86,7 @@ class Attention(nn.Module):
     cfg = self.cfg
     dense = lambda features, in_axes, out_axes, bias, name: layers.Dense(
         features, in_axes=in_axes, out_axes=out_axes, use_bias=bias, dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype, name=name)
+        param_dtype=cfg.param_dtype, lora=cfg.lora, deterministic=deterministic, name=name)
     q_BTNH = dense((cfg.num_heads, cfg.head_dim), ('embed',), ('heads', 'head_dim'),
                    cfg.qkv_bias, 'query')(x_BTD)
     k_BTKH = dense((cfg.num_kv_heads, cfg.head_dim), ('embed',), ('kv_heads', 'head_dim'),

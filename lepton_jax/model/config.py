@@ -1,5 +1,6 @@
 """The model's configuration: the plain values every module of the model is built from."""
 import dataclasses
+import re
 
 import ml_collections
 
@@ -10,6 +11,58 @@ ARCHITECTURE_FIELDS = (
     'norm', 'norm_eps', 'positions', 'rope_theta', 'rope_scaling', 'rope_scaling_factor',
     'rope_low_freq_factor', 'rope_high_freq_factor', 'rope_original_max_len', 'max_seq_len',
     'sliding_window', 'qkv_bias', 'out_bias', 'mlp_bias', 'tie_embeddings', 'qk_norm')
+
+
+# lora.targets shorthands -> the Dense module paths they name (below 'layers_{i}/' or 'layers/').
+LORA_TARGETS = {'q': 'attn/query', 'k': 'attn/key', 'v': 'attn/value', 'o': 'attn/out',
+                'gate': 'mlp/gate', 'up': 'mlp/up', 'down': 'mlp/down'}
+LORA_INITS = ('kaiming', 'gaussian')  # How A starts (B starts at zero): PEFT's two defaults.
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on the Dense layers `targets` names (config.lora); no targets: none.
+
+  A Dense with kernel W [*in, *out] gains A [*in, r] and B [r, *out] and computes
+  x W + scale * (dropout(x) A) B with scale = alpha / r (alpha / sqrt(r) with rslora). With dora
+  (Liu et al. 2024) it also gains a magnitude m [*out], initialised to W's column norms, and
+  computes m * x (W + scale A B) / ||W + scale A B|| with the norm over the input dims, held
+  constant under differentiation as the paper (and PEFT) do.
+  """
+  # Shorthands of LORA_TARGETS, 'all-linear' (all of them: every Dense but the output head, as
+  # PEFT), or regular expressions over whole Dense module paths such as 'layers_0/attn/query'.
+  # Empty: no adapters.
+  targets: tuple[str, ...] = ()
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  rslora: bool = False
+  dora: bool = False
+  init: str = 'kaiming'
+  plus_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B's learning rate over A's.
+
+  @classmethod
+  def from_config(cls, lora_config: ml_collections.ConfigDict) -> 'LoraConfig':
+    fields = lora_config.to_dict()
+    return cls(**dict(fields, targets=tuple(fields['targets'])))
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
+
+  def patterns(self) -> tuple[str, ...]:
+    """Regular expressions over Dense module paths for `targets`."""
+    names = tuple(LORA_TARGETS) if 'all-linear' in self.targets else self.targets
+    layer = r'layers(_\d+)?/'
+    return tuple(layer + LORA_TARGETS[name] if name in LORA_TARGETS else name for name in names
+                 if name != 'all-linear')
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.targets)
+
+  def adapts(self, module_path: str) -> bool:
+    return self.enabled and any(re.fullmatch(p, module_path) for p in self.patterns())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +98,10 @@ class ModelConfig:
   remat: str
   param_dtype: str
   dtype: str
+  lora: LoraConfig = LoraConfig()
 
   @classmethod
-  def from_config(cls, model_config: ml_collections.ConfigDict) -> 'ModelConfig':
-    return cls(**model_config.to_dict())
+  def from_config(cls, model_config: ml_collections.ConfigDict,
+                  lora_config: ml_collections.ConfigDict | None = None) -> 'ModelConfig':
+    lora = LoraConfig.from_config(lora_config) if lora_config is not None else LoraConfig()
+    return cls(**model_config.to_dict(), lora=lora)

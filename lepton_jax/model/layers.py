@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lepton_jax.model.config import ModelConfig
+from lepton_jax.model.config import LoraConfig, ModelConfig
 
 Dtype = jnp.dtype
 default_kernel_init = nn.initializers.normal(stddev=0.02)
@@ -36,7 +36,8 @@ class Dense(nn.Module):
   """The single weight matmul of the model: contracts the last `len(in_axes)` input dims.
 
   The kernel has shape (*contracted input dims, *features) and logical names
-  (*in_axes, *out_axes). LoRA adapters and int8 weights hook in here and nowhere else.
+  (*in_axes, *out_axes). LoRA adapters (when `lora` targets this layer's path) and int8 weights
+  hook in here and nowhere else.
   """
   features: Sequence[int]
   _: dataclasses.KW_ONLY
@@ -46,6 +47,8 @@ class Dense(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: nn.initializers.Initializer = default_kernel_init
+  lora: LoraConfig = LoraConfig()
+  deterministic: bool = True  # False: the adapter's dropout is on (training).
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -56,13 +59,46 @@ class Dense(nn.Module):
         nn.with_logical_partitioning(self.kernel_init, (*self.in_axes, *self.out_axes)),
         (*in_shape, *self.features), self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    y = matmul_2d(x, kernel, num_in)
+    if self.lora.adapts('/'.join(self.path)):
+      y = self._adapted(x, kernel, num_in)
+    else:
+      y = matmul_2d(x, kernel, num_in)
     if self.use_bias:
       bias = self.param(
           'bias', nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.out_axes)),
           tuple(self.features), self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
+
+  def _adapted(self, x, kernel, num_in: int) -> jax.Array:
+    """x W + scale (dropout(x) A) B, or DoRA's rescaled form (see model/config.py LoraConfig)."""
+    lora, in_shape = self.lora, kernel.shape[:num_in]
+    a_init = _lora_a_init(lora, math.prod(in_shape))
+    a = self.param('lora_a', nn.with_logical_partitioning(a_init, (*self.in_axes, 'lora_rank')),
+                   (*in_shape, lora.rank), self.param_dtype).astype(self.dtype)
+    b = self.param('lora_b', nn.with_logical_partitioning(nn.initializers.zeros,
+                                                          ('lora_rank', *self.out_axes)),
+                   (lora.rank, *self.features), self.param_dtype).astype(self.dtype)
+    x_dropped = nn.Dropout(lora.dropout)(x, deterministic=self.deterministic)
+    delta = lora.scale * matmul_2d(matmul_2d(x_dropped, a, num_in), b, 1)
+    if not lora.dora:
+      return matmul_2d(x, kernel, num_in) + delta
+    in_dims = tuple(range(num_in))
+    column_norms = lambda _: jnp.linalg.norm(kernel.astype(jnp.float32), axis=in_dims).astype(
+        self.param_dtype)
+    magnitude = self.param('lora_magnitude',
+                           nn.with_logical_partitioning(column_norms, tuple(self.out_axes)))
+    adapted_kernel = kernel + lora.scale * matmul_2d(a, b, 1).astype(kernel.dtype)
+    norm = jax.lax.stop_gradient(jnp.linalg.norm(adapted_kernel.astype(jnp.float32), axis=in_dims))
+    rescale = (magnitude.astype(jnp.float32) / norm).astype(self.dtype)
+    return rescale * (matmul_2d(x, kernel, num_in) + delta)
+
+
+def _lora_a_init(lora: LoraConfig, fan_in: int) -> nn.initializers.Initializer:
+  if lora.init == 'kaiming':  # PEFT's kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    bound = fan_in ** -0.5
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+  return nn.initializers.normal(1 / lora.rank)  # PEFT's 'gaussian'.
 
 
 class Norm(nn.Module):

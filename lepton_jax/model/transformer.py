@@ -37,7 +37,8 @@ class Mlp(nn.Module):
     cfg = self.cfg
     dense = lambda features, in_axes, out_axes, name: layers.Dense(
         (features,), in_axes=in_axes, out_axes=out_axes, use_bias=cfg.mlp_bias,
-        dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=cfg.lora, deterministic=deterministic,
+        name=name)
     act = ACTIVATIONS[cfg.mlp]
     h_BTF = dense(cfg.d_ff, ('embed',), ('mlp',), 'up')(x_BTD)
     if cfg.mlp in GATED_MLPS:
@@ -109,5 +110,6 @@ class Transformer(nn.Module):
       logits_BTV = embed.attend(x_BTD)
     else:
       logits_BTV = layers.Dense((cfg.vocab_size,), in_axes=('embed',), out_axes=('vocab',),
-                                dtype=cfg.dtype, param_dtype=cfg.param_dtype, name='head')(x_BTD)
+                                dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=cfg.lora,
+                                deterministic=deterministic, name='head')(x_BTD)
     return logits_BTV.astype(jnp.float32)

@@ -1,0 +1,133 @@
+"""LoRA adapters as pytrees: which params they are, merging them into kernels, switching them.
+
+The adapters themselves live in the one Dense layer (model/layers.py) as params named `lora_a`,
+`lora_b` (and `lora_magnitude` with DoRA) beside the kernel they adapt, with logical axes that
+shard them like it. Everything here is a transform of a params tree:
+
+  adapter_of(params)          the adapter leaves alone (a few MB for a 1B base at r=8)
+  with_adapter(params, a)     the base with adapter `a` in place: switch adapters per call
+  merge(model, variables)     kernels with the adapters folded in, as a plain (rank-0) model
+  unmerge(...)                the inverse for plain LoRA
+"""
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+
+from lepton_jax import tree
+from lepton_jax.model import ModelConfig, Transformer
+from lepton_jax.model.config import LORA_TARGETS, LoraConfig
+
+ADAPTER_PARAMS = ('lora_a', 'lora_b', 'lora_magnitude')
+# The adapter leaves; also config.trainable when LoRA is on and trainable is left at its default.
+ADAPTERS = (r'(.*/)?lora_(a|b|magnitude)',)
+B_PARAMS = (r'(.*/)?lora_b',)  # What LoRA+'s plus_ratio scales.
+
+
+def trainable_patterns(config) -> tuple[str, ...]:
+  """config.trainable, or the adapters when LoRA is on and trainable is the default."""
+  if config.lora.targets and tuple(config.trainable) == ('.*',):
+    return ADAPTERS
+  return tuple(config.trainable)
+
+
+def check_targets(lora: LoraConfig, params: dict, tie_embeddings: bool) -> None:
+  """Every target names at least one Dense layer of `params` (abstract or real)."""
+  if not lora.enabled:
+    return
+  modules = sorted({name.rsplit('/', 1)[0] for name in tree.names(params)
+                    if name.endswith('/kernel')})
+  for target, pattern in zip(_expanded(lora.targets), lora.patterns()):
+    if not any(re.fullmatch(pattern, module) for module in modules):
+      hint = (' (the output head is tied to the embedding table, which carries no adapter)'
+              if tie_embeddings and 'head' in target else '')
+      raise ValueError(f'config.lora.targets: {target!r} matches no Dense layer{hint}; the model '
+                       f'has {modules[:8]}{" ..." if len(modules) > 8 else ""}')
+
+
+def _expanded(targets: tuple[str, ...]) -> list[str]:
+  names = list(LORA_TARGETS) if 'all-linear' in targets else list(targets)
+  return [name for name in names if name != 'all-linear']
+
+
+def adapter_of(params: dict) -> dict:
+  """The adapter leaves of a params tree (a tree with only those leaves)."""
+  return tree.partition(params, tree.mask(params, ADAPTERS))[0]
+
+
+def base_of(params: dict) -> dict:
+  return tree.partition(params, tree.mask(params, ADAPTERS))[1]
+
+
+def with_adapter(params: dict, adapter: dict) -> dict:
+  """`params` with the adapter leaves of `adapter` in place (same targets and rank)."""
+  return tree.merge(base_of(params), adapter)
+
+
+def _adapted_modules(params: dict) -> dict[str, dict]:
+  """Module path -> its params dict, for every Dense that carries an adapter."""
+  modules = {}
+
+  def visit(node, path):
+    if 'lora_a' in node:
+      modules['/'.join(path)] = node
+    for key, child in node.items():
+      if isinstance(child, dict):
+        visit(child, path + (key,))
+
+  visit(params, ())
+  return modules
+
+
+def delta(module: dict, lora: LoraConfig, stacked: bool) -> jax.Array:
+  """scale * A B in the kernel's shape (one per layer when `stacked`, as under scan_layers)."""
+  lead = 1 if stacked else 0
+  a, b = module['lora_a'].astype(jnp.float32), module['lora_b'].astype(jnp.float32)
+  a_2d = a.reshape(*a.shape[:lead], -1, a.shape[-1])  # [(L,) in, r]
+  b_2d = b.reshape(*b.shape[:lead + 1], -1)  # [(L,) r, out]
+  return lora.scale * (a_2d @ b_2d).reshape(module['kernel'].shape)
+
+
+def _stacked(cfg: ModelConfig, module_path: str) -> bool:
+  return cfg.scan_layers and module_path.split('/')[0] == 'layers'
+
+
+def merge(model: Transformer, variables: dict) -> tuple[Transformer, dict]:
+  """(a model without adapters, its variables): each adapted kernel becomes W + scale A B, or
+  m (W + scale A B) / ||W + scale A B|| with DoRA. Logits equal the adapted model's."""
+  cfg = model.cfg
+  params = tree.merge(variables['params'])  # New dicts: the caller's tree is left as it was.
+  for path, module in _adapted_modules(params).items():
+    kernel, stacked = module['kernel'], _stacked(cfg, path)
+    merged = kernel.astype(jnp.float32) + delta(module, cfg.lora, stacked)
+    if cfg.lora.dora:
+      in_dims = _in_dims(kernel, module['lora_magnitude'], stacked)
+      magnitude = jnp.expand_dims(module['lora_magnitude'].astype(jnp.float32), in_dims)
+      merged = merged / jnp.linalg.norm(merged, axis=in_dims, keepdims=True) * magnitude
+    for name in ADAPTER_PARAMS:
+      module.pop(name, None)
+    module['kernel'] = merged.astype(kernel.dtype)
+  plain = Transformer(dataclasses.replace(cfg, lora=LoraConfig()))
+  return plain, dict(variables, params=params)
+
+
+def _in_dims(kernel, magnitude, stacked: bool) -> tuple[int, ...]:
+  num_in = kernel.ndim - magnitude.ndim
+  return tuple(range(1, num_in + 1)) if stacked else tuple(range(num_in))
+
+
+def unmerge(model: Transformer, merged_variables: dict, adapter: dict,
+            lora: LoraConfig) -> tuple[Transformer, dict]:
+  """The inverse of `merge` for plain LoRA: W = W_merged - scale A B, adapters back in place."""
+  if lora.dora:
+    raise ValueError('lora.unmerge: a DoRA merge rescales each column by m / ||W + scale A B||, '
+                     'which the merged kernel alone cannot undo; keep the unmerged variables')
+  cfg = dataclasses.replace(model.cfg, lora=lora)
+  params = tree.merge(merged_variables['params'], adapter)
+  for path, module in _adapted_modules(params).items():
+    kernel = module['kernel']
+    unmerged = kernel.astype(jnp.float32) - delta(module, lora, _stacked(cfg, path))
+    module['kernel'] = unmerged.astype(kernel.dtype)
+  return Transformer(cfg), dict(merged_variables, params=params)
+

@@ -1,0 +1,198 @@
+"""LoRA adapters: the Dense formulas against numpy, merge, switching, and LoRA training runs."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from lepton_jax import config_lib, experiment, lora, sample, sharding, steps, train, train_state
+from lepton_jax import tree
+from lepton_jax.model import ModelConfig, Transformer, layers
+from lepton_jax.model.config import LoraConfig
+from tests.conftest import read_metrics, tiny_config
+
+TOKENS = np.random.default_rng(0).integers(0, 64, (2, 12))
+
+
+def tiny_model(scan_layers=False, **lora_fields) -> Transformer:
+  model_config = config_lib.model_config()
+  model_config.update(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=8, d_ff=48, scan_layers=scan_layers)
+  return Transformer(ModelConfig(**model_config.to_dict(), lora=LoraConfig(**lora_fields)))
+
+
+def init(model, seed=0):
+  return nn.unbox(model.init(jax.random.key(seed), jnp.asarray(TOKENS)))
+
+
+def perturb_adapters(variables, seed=1):
+  """Non-zero B (and magnitudes off their init), as after training."""
+  key = jax.random.key(seed)
+  def move(name, x):
+    if tree.matches(lora.ADAPTERS, name) and not name.endswith('lora_a'):
+      return x + 0.1 * jax.random.normal(jax.random.fold_in(key, hash(name) % 2**31), x.shape)
+    return x
+  return tree.map_with_names(move, variables)
+
+
+@pytest.mark.parametrize('fields', [dict(targets=('all-linear',)),
+                                    dict(targets=('q', 'v'), rslora=True, init='gaussian'),
+                                    dict(targets=('all-linear',), dora=True)])
+def test_a_fresh_adapter_changes_nothing(fields):
+  adapted = tiny_model(**fields)
+  variables = init(adapted)
+  base_variables = {'params': lora.base_of(variables['params'])}
+  np.testing.assert_array_equal(adapted.apply(variables, TOKENS),
+                                tiny_model().apply(base_variables, TOKENS))
+
+
+@pytest.mark.parametrize('rslora, dora', [(False, False), (True, False), (False, True),
+                                          (True, True)])
+def test_dense_matches_the_lora_formulas_in_numpy(rslora, dora):
+  rank, alpha = 4, 8.0
+  dense = layers.Dense((3, 5), in_axes=('embed',), out_axes=('heads', 'head_dim'), use_bias=True,
+                       lora=LoraConfig(targets=('.*',), rank=rank, alpha=alpha, rslora=rslora,
+                                       dora=dora))
+  x = np.random.default_rng(0).normal(size=(2, 7, 6)).astype(np.float32)
+  params = nn.unbox(dense.init(jax.random.key(0), x))['params']
+  rng = np.random.default_rng(1)
+  params = {k: np.asarray(v) + (rng.normal(size=v.shape).astype(np.float32) * 0.3
+                                if k in ('lora_b', 'lora_magnitude', 'bias') else 0)
+            for k, v in params.items()}
+  w = params['kernel'].reshape(6, 15)
+  scale = alpha / (np.sqrt(rank) if rslora else rank)
+  adapted = w + scale * params['lora_a'] @ params['lora_b'].reshape(rank, 15)
+  if dora:
+    adapted = adapted / np.linalg.norm(adapted, axis=0) * params['lora_magnitude'].reshape(15)
+  expected = (x.reshape(14, 6) @ adapted + params['bias'].reshape(15)).reshape(2, 7, 3, 5)
+  np.testing.assert_allclose(dense.apply({'params': params}, x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+@pytest.mark.parametrize('dora', [False, True])
+def test_merge_equals_the_adapters_and_unmerge_undoes_it(scan_layers, dora):
+  model = tiny_model(scan_layers, targets=('all-linear',), rank=4, dora=dora)
+  variables = perturb_adapters(init(model))
+  logits = model.apply(variables, TOKENS)
+  merged_model, merged = lora.merge(model, variables)
+  assert not merged_model.cfg.lora.enabled
+  assert not any('lora' in name for name in tree.names(merged))
+  np.testing.assert_allclose(merged_model.apply(merged, TOKENS), logits, atol=1e-5)
+  adapter = lora.adapter_of(variables['params'])
+  if dora:
+    with pytest.raises(ValueError, match='DoRA merge rescales'):
+      lora.unmerge(merged_model, merged, adapter, model.cfg.lora)
+    return
+  _, unmerged = lora.unmerge(merged_model, merged, adapter, model.cfg.lora)
+  for name, a, b in zip(tree.names(variables), jax.tree.leaves(variables),
+                        jax.tree.leaves(unmerged)):
+    np.testing.assert_allclose(a, b, atol=1e-6, err_msg=name)
+
+
+def test_several_adapters_over_one_base_switch_per_call():
+  model = tiny_model(targets=('q', 'v'))
+  base = init(model)
+  first, second = (lora.adapter_of(perturb_adapters(base, seed)['params']) for seed in (1, 2))
+  logits = {name: model.apply({'params': lora.with_adapter(base['params'], adapter)}, TOKENS)
+            for name, adapter in (('first', first), ('second', second))}
+  assert np.abs(logits['first'] - logits['second']).max() > 1e-3
+  for name, adapter in (('first', first), ('second', second)):
+    alone = perturb_adapters(base, 1 if name == 'first' else 2)
+    np.testing.assert_array_equal(model.apply(alone, TOKENS), logits[name])
+
+
+def test_lora_logits_on_an_fsdp_tensor_mesh_equal_one_device():
+  model = tiny_model(targets=('all-linear',), dora=True)
+  variables = perturb_adapters(init(model))
+  expected = model.apply(variables, TOKENS)
+  mesh_config = config_lib.base_config().mesh
+  mesh_config.update(data=2, fsdp=2, tensor=2)
+  mesh, rules = sharding.make_mesh(mesh_config), mesh_config.rules
+  boxed = model.init(jax.random.key(0), jnp.asarray(TOKENS))
+  shardings = sharding.param_shardings(jax.eval_shape(lambda: boxed), mesh, rules)
+  assert shardings['params']['layers_0']['attn']['query']['lora_b'].spec == jax.sharding.PartitionSpec(
+      None, 'tensor', None)  # B [r, N, H] splits its heads like the kernel it adapts.
+  placed = jax.device_put(variables, shardings)
+  with sharding.use_mesh(mesh, rules):
+    logits = jax.jit(model.apply)(placed, jnp.asarray(np.concatenate([TOKENS, TOKENS])))
+  np.testing.assert_allclose(logits[:2], expected, atol=1e-5)
+
+
+LORA = {'lora.targets': ('q', 'v'), 'lora.rank': 4, 'model.vocab_size': 257}
+
+
+def test_a_lora_run_trains_only_the_adapters_and_saves_only_them(tmp_path):
+  config = tiny_config(tmp_path, total_steps=6, batch_size=16, grad_accum_steps=2, **LORA,
+                       **{'optimizer.learning_rate': 1e-2})
+  run = experiment.build(config, str(tmp_path / 'run'), same_split=True)
+  assert run.trainable == lora.ADAPTERS
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(config, str(workdir))
+  records = read_metrics(workdir)
+  assert records[-1]['train/loss'] < records[0]['train/loss']
+
+  before = init_like_run(config)
+  after = sample.load(config, str(workdir))[1]
+  for name, a, b in zip(tree.names(before), jax.tree.leaves(before), jax.tree.leaves(after)):
+    if tree.matches(('params/.*/lora_b',), name):
+      assert np.any(np.asarray(a) != np.asarray(b)), name
+    elif not tree.matches(('params/.*/lora_a',), name):
+      np.testing.assert_array_equal(a, b, err_msg=name)  # The base, bit for bit.
+  saved = ocp.PyTreeCheckpointHandler().metadata(workdir / 'checkpoints' / '6' / 'state').tree
+  assert all('lora_' in name for name in tree.names(saved['trainable']))
+  moments = [name for name in tree.names(saved['opt_state']) if '/mu/' in name]
+  assert moments and all('lora_' in name for name in moments)
+
+
+def init_like_run(config):
+  """The variables a fresh run of `config` starts from."""
+  run_model = Transformer(ModelConfig.from_config(config.model, config.lora))
+  tx, _ = experiment.make_optimizer(config)
+  mesh = sharding.make_mesh(config.mesh)
+  with sharding.use_mesh(mesh, config.mesh.rules):
+    layout = train_state.make_layout(run_model, tx, mesh, config.mesh.rules, config.seq_len,
+                                     lora.trainable_patterns(config))
+    state, frozen = train_state.init_state(run_model, tx, config.seed, config.seq_len, layout)
+  return steps.model_variables(state.trainable, frozen)
+
+
+def test_lora_plus_scales_the_learning_rate_of_b(tmp_path):
+  updates = {}
+  for ratio in (1.0, 4.0):
+    config = tiny_config(tmp_path, total_steps=1, **LORA, **{
+        'lora.plus_ratio': ratio, 'optimizer.name': 'sgd', 'optimizer.momentum': 0.0,
+        'optimizer.warmup_steps': 0, 'optimizer.clip_norm': 0.0, 'optimizer.weight_decay': 0.0})
+    workdir = tmp_path / f'ratio_{ratio}'
+    train.train_and_evaluate(config, str(workdir))
+    before, after = init_like_run(config), sample.load(config, str(workdir))[1]
+    updates[ratio] = jax.tree.map(lambda a, b: np.asarray(b) - np.asarray(a), before, after)
+  b_of = lambda u: u['params']['layers_0']['attn']['query']['lora_b']
+  a_of = lambda u: u['params']['layers_0']['attn']['query']['lora_a']
+  np.testing.assert_allclose(b_of(updates[4.0]), 4 * b_of(updates[1.0]), rtol=1e-5, atol=1e-9)
+  np.testing.assert_array_equal(a_of(updates[4.0]), a_of(updates[1.0]))  # 0 at step 1 (B = 0).
+
+
+def test_a_lora_run_resumes_exactly(tmp_path, monkeypatch):
+  config = tiny_config(tmp_path, total_steps=6, **LORA, **{'lora.dropout': 0.1})
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  monkeypatch.setattr(train.PreemptionWatch, 'reached', lambda self, step: step == 3)
+  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  monkeypatch.undo()
+  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert ([r['train/loss'] for r in read_metrics(tmp_path / 'straight')] ==
+          [r['train/loss'] for r in read_metrics(tmp_path / 'resumed')])
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'lora.targets': ('q', 'attn/nothing')}, r"'attn/nothing' matches no Dense layer"),
+    ({'lora.targets': ('head',), 'model.tie_embeddings': True},
+     r"'head' matches no Dense layer \(the output head is tied"),
+    ({'lora.targets': ('q',), 'lora.rank': 0}, r'config.lora.rank=0: must be positive'),
+    ({'lora.targets': ('q',), 'lora.init': 'orthogonal'}, r"config.lora.init='orthogonal'"),
+])
+def test_bad_lora_configs_are_one_line_errors(tmp_path, overrides, message):
+  config = tiny_config(tmp_path, **overrides)
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
