@@ -12,6 +12,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from lepton_jax import tree
 from lepton_jax.model import ModelConfig, transformer
 
 
@@ -37,8 +38,24 @@ def mlp_params(model_config: ModelConfig) -> int:
   return num_matrices * model_config.d_model * model_config.d_ff
 
 
+def lora_params(model_config: ModelConfig) -> int:
+  """Adapter weights (A and B, r * (in + out) per adapted Dense) that each token multiplies."""
+  cfg = model_config
+  q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  shapes = {'attn/query': (cfg.d_model, q), 'attn/key': (cfg.d_model, kv),
+            'attn/value': (cfg.d_model, kv), 'attn/out': (q, cfg.d_model),
+            'mlp/up': (cfg.d_model, cfg.d_ff), 'mlp/down': (cfg.d_ff, cfg.d_model)}
+  if cfg.mlp in transformer.GATED_MLPS:
+    shapes['mlp/gate'] = (cfg.d_model, cfg.d_ff)
+  per_layer = sum(cfg.lora.rank * (d_in + d_out) for path, (d_in, d_out) in shapes.items()
+                  if cfg.lora.adapts(f'layers_0/{path}'))
+  head = (cfg.lora.rank * (cfg.d_model + cfg.vocab_size)
+          if not cfg.tie_embeddings and cfg.lora.adapts('head') else 0)
+  return cfg.num_layers * per_layer + head
+
+
 def matmul_params(model_config: ModelConfig) -> int:
-  """Weights that each token multiplies once per forward pass.
+  """Weights that each token multiplies once per forward pass (LoRA adapters included).
 
   The LM head counts even when tied to the embedding: the lookup is a gather, the head a matmul.
   """
@@ -46,7 +63,16 @@ def matmul_params(model_config: ModelConfig) -> int:
     raise ValueError('vocab_size must be resolved (from the tokenizer) before counting FLOPs.')
   per_layer = attention_projection_params(model_config) + mlp_params(model_config)
   lm_head = model_config.d_model * model_config.vocab_size
-  return model_config.num_layers * per_layer + lm_head
+  return model_config.num_layers * per_layer + lm_head + lora_params(model_config)
+
+
+def frozen_matmul_params(params, trainable_mask, tie_embeddings: bool) -> int:
+  """Matmul weights among `params` (abstract or real) that do not train: kernels, and the
+  embedding table when it is the tied head. Their weight gradients are never computed."""
+  matmul = (r'(.*/)?kernel',) + ((r'(.*/)?embedding',) if tie_embeddings else ())
+  return sum(leaf.size for name, leaf, trains in zip(
+      tree.names(params), jax.tree.leaves(params), jax.tree.leaves(trainable_mask))
+             if not trains and tree.matches(matmul, name))
 
 
 def mean_attended_keys(seq_len: int, sliding_window: int = 0) -> float:
@@ -80,9 +106,15 @@ def forward_flops_per_token(model_config: ModelConfig, seq_len: int) -> float:
   return 2 * matmul_params(model_config) + attention_flops_per_token(model_config, seq_len)
 
 
-def train_flops_per_token(model_config: ModelConfig, seq_len: int) -> float:
-  """Forward plus backward FLOPs for one token of a seq_len-long training sequence."""
-  return TRAIN_TO_FORWARD_FLOPS * forward_flops_per_token(model_config, seq_len)
+def train_flops_per_token(model_config: ModelConfig, seq_len: int,
+                          frozen_matmul_params: int = 0) -> float:
+  """Forward plus backward FLOPs for one token of a seq_len-long training sequence.
+
+  A frozen weight (a LoRA base) still passes gradients to its input but gets none itself: 2 of
+  its 6 FLOPs per token are never done.
+  """
+  full = TRAIN_TO_FORWARD_FLOPS * forward_flops_per_token(model_config, seq_len)
+  return full - 2 * frozen_matmul_params
 
 
 # Dense peak FLOP/s per JAX device, as (bf16, f32). The f32 column is what a default-precision f32

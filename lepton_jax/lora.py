@@ -65,6 +65,39 @@ def with_adapter(params: dict, adapter: dict) -> dict:
   return tree.merge(base_of(params), adapter)
 
 
+@dataclasses.dataclass
+class AdapterSet:
+  """One base and named adapters over it, all in memory: each call picks one by name.
+
+    adapters = lora.AdapterSet(variables)            # the base, with or without an adapter
+    adapters.add('python', lora.adapter_of(run_variables['params']))
+    logits = model.apply(adapters.variables('python'), tokens_BT)
+
+  The base's arrays are shared by every `variables(name)`: switching copies nothing.
+  """
+  base: dict  # A variables dict without adapter leaves.
+  adapters: dict = dataclasses.field(default_factory=dict)
+
+  def __init__(self, variables: dict):
+    self.base = dict(variables, params=base_of(variables['params']))
+    self.adapters = {}
+
+  def add(self, name: str, adapter: dict) -> None:
+    """Adds `adapter` (lora.adapter_of a params tree); all adapters have the same layout."""
+    if self.adapters:
+      first_name, first = next(iter(self.adapters.items()))
+      shapes = lambda a: [(n, x.shape) for n, x in zip(tree.names(a), jax.tree.leaves(a))]
+      if shapes(adapter) != shapes(first):
+        raise ValueError(f'adapter {name!r} has other targets or rank than {first_name!r}; one '
+                         'AdapterSet holds adapters of one lora config')
+    self.adapters[name] = adapter
+
+  def variables(self, name: str) -> dict:
+    if name not in self.adapters:
+      raise ValueError(f'no adapter named {name!r}; loaded: {sorted(self.adapters)}')
+    return dict(self.base, params=tree.merge(self.base['params'], self.adapters[name]))
+
+
 def _adapted_modules(params: dict) -> dict[str, dict]:
   """Module path -> its params dict, for every Dense that carries an adapter."""
   modules = {}

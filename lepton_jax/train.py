@@ -110,11 +110,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                         jax.process_count())
   eval_batches = data.make_eval_batches(config, tokenizer, jax.process_index(),
                                         jax.process_count())
-  flops_per_token = flops.train_flops_per_token(run.model_config, config.seq_len)
   peak_flops = flops.peak_flops_per_device(run.model_config.dtype)
 
   with sharding.use_mesh(mesh, rules):
     layout = train_state.make_layout(model, tx, mesh, rules, config.seq_len, run.trainable)
+    frozen_matmuls = flops.frozen_matmul_params(layout.variables['params'], layout.trainable_mask,
+                                                run.model_config.tie_embeddings)
+    flops_per_token = flops.train_flops_per_token(run.model_config, config.seq_len, frozen_matmuls)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     latest = checkpointer.latest_step()
     if latest is None:

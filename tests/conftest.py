@@ -1,6 +1,6 @@
 """Test-process setup: 8 simulated CPU devices and a persistent XLA compilation cache; a fake gs://;
-and the helpers tests share (`tiny_config`, `read_metrics`, `TEXT`): tests import them from here,
-never from each other.
+and the helpers tests share (`tiny_config`, `override`, `read_metrics`, `TEXT`, and for Hugging Face
+tests `save_tiny_hf_llama`, `finetune_config`): tests import them from here, never from each other.
 
 Many tests train the same tiny model; the cache lets every run after the first skip compilation
 (keys include the HLO and the jax version, so a changed model never hits a stale entry).
@@ -58,13 +58,53 @@ def tiny_config(tmp_path: pathlib.Path | None = None, **overrides):
                       d_ff=64, max_seq_len=32)
   config.optimizer.update(learning_rate=3e-3, warmup_steps=5)
   config.sample.num_tokens = 0
-  for key, value in overrides.items():
+  return override(config, **overrides)
+
+
+def override(config, **dotted):
+  """`config` with dotted keys set (`**{'model.num_layers': 3}`)."""
+  for key, value in dotted.items():
     target = config
     *parents, leaf = key.split('.')
     for parent in parents:
       target = target[parent]
     target[leaf] = value
   return config
+
+
+def save_tiny_hf_llama(directory, seed: int = 0) -> None:
+  """A tiny random Llama and a BPE tokenizer trained on TEXT, as a released model ships them
+  (config.json, safetensors, tokenizer.json; bos <s> = 0, eos </s> = 1). Needs the hf extra."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+  bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  bpe.decoder = tokenizers.decoders.ByteLevel()
+  bpe.train_from_iterator([TEXT], tokenizers.trainers.BpeTrainer(
+      vocab_size=300, special_tokens=['<s>', '</s>'], show_progress=False,
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+  transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token='<s>',
+                                       eos_token='</s>').save_pretrained(directory)
+  torch.manual_seed(seed)
+  config = transformers.LlamaConfig(
+      vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0,
+      eos_token_id=1, rope_parameters={'rope_type': 'default', 'rope_theta': 5000.0})
+  transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+
+
+def finetune_config(hf_dir, tmp_path: pathlib.Path, **overrides):
+  """configs/finetune_hf.py on `hf_dir`, shrunk to two steps on TEXT (written to tmp_path)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module('configs.finetune_hf').get_config(str(hf_dir))
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_text(TEXT)
+  config.update(total_steps=2, batch_size=8, seq_len=32, log_every_steps=1, eval_every_steps=2,
+                eval_batches=1, checkpoint_every_steps=2)
+  config.data.update(source='text', path=str(corpus))
+  config.sample.num_tokens = 0
+  return override(config, **overrides)
 
 
 def read_metrics(workdir) -> list[dict]:

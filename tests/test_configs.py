@@ -15,7 +15,8 @@ CONFIG_NAMES = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / 'c
                       if p.stem != '__init__')
 
 
-CONFIG_ARGS = {'finetune_hf': '/path/to/hf_dir'}  # Configs whose argument has no default.
+CONFIG_ARGS = {'finetune_hf': '/path/to/hf_dir', 'lora_hf': '/path/to/hf_dir',
+               'lora_stdlib': '/path/to/workdir'}  # Configs whose argument has no default.
 
 
 @pytest.mark.parametrize('name', CONFIG_NAMES)
@@ -23,9 +24,10 @@ def test_config_validates(name):
   config_lib.validate(importlib.import_module(f'configs.{name}').get_config(CONFIG_ARGS.get(name)))
 
 
-def test_finetune_hf_needs_its_directory():
-  with pytest.raises(ValueError, match='needs the Hugging Face directory'):
-    importlib.import_module('configs.finetune_hf').get_config()
+@pytest.mark.parametrize('name', sorted(CONFIG_ARGS))
+def test_configs_that_start_from_weights_need_their_source(name):
+  with pytest.raises(ValueError, match=f'configs/{name}.py needs the'):
+    importlib.import_module(f'configs.{name}').get_config()
 
 
 @pytest.mark.parametrize('name,arg,chips', [

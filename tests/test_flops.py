@@ -2,6 +2,7 @@
 import dataclasses
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,9 @@ import pytest
 
 from lepton_jax import config_lib
 from lepton_jax import flops
-from lepton_jax.model import ModelConfig
+from lepton_jax import lora, train_state
+from lepton_jax.model import ModelConfig, Transformer
+from lepton_jax.model.config import LoraConfig
 
 
 def make_model_config(**overrides) -> ModelConfig:
@@ -174,3 +177,18 @@ def test_cpu_peak_is_measured_once():
 def test_mfu():
   assert flops.mfu(1000.0, 6e9, 12e12) == pytest.approx(0.5)
   assert flops.mfu(1000.0, 6e9, None) is None
+
+
+def test_lora_on_a_frozen_base_counts_adapters_and_no_base_weight_gradients():
+  base = make_model_config()
+  adapted = dataclasses.replace(base, lora=LoraConfig(targets=('all-linear',), rank=4))
+  params = nn.unbox(train_state.boxed_variables(Transformer(adapted), 8))['params']
+  adapters = sum(x.size for x in jax.tree.leaves(lora.adapter_of(params)))
+  assert flops.lora_params(adapted) == adapters  # Every adapter weight, counted from shapes.
+  mask = train_state.trainable_mask(params, lora.ADAPTERS)
+  frozen = flops.frozen_matmul_params(params, mask, adapted.tie_embeddings)
+  assert frozen == flops.matmul_params(base)  # Every base matmul weight (the head included).
+  seq_len = 64
+  full = flops.train_flops_per_token(base, seq_len)
+  expected = full + 6 * adapters - 2 * frozen
+  assert flops.train_flops_per_token(adapted, seq_len, frozen) == pytest.approx(expected)

@@ -1,5 +1,4 @@
 """A run that starts from a Hugging Face model (config.init_from), and its export back."""
-import importlib
 import json
 import subprocess
 import sys
@@ -8,55 +7,17 @@ import numpy as np
 import pytest
 
 from lepton_jax import pretrained, sample, train
-from tests.conftest import TEXT
+from tests.conftest import TEXT, finetune_config, save_tiny_hf_llama
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
-hf_tokenizers = pytest.importorskip('tokenizers')
-
-BOS, EOS = '<s>', '</s>'
-
-
-def save_tiny_llama_with_tokenizer(directory):
-  """A tiny random Llama and a BPE tokenizer trained on TEXT, as a released model ships them."""
-  tokenizer = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE())
-  tokenizer.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tokenizer.decoder = hf_tokenizers.decoders.ByteLevel()
-  tokenizer.train_from_iterator([TEXT], hf_tokenizers.trainers.BpeTrainer(
-      vocab_size=300, special_tokens=[BOS, EOS], show_progress=False,
-      initial_alphabet=hf_tokenizers.pre_tokenizers.ByteLevel.alphabet()))
-  transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS,
-                                       eos_token=EOS).save_pretrained(directory)
-  torch.manual_seed(0)
-  config = transformers.LlamaConfig(
-      vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0,
-      eos_token_id=1, rope_parameters={'rope_type': 'default', 'rope_theta': 5000.0})
-  transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-
+pytest.importorskip('tokenizers')
 
 @pytest.fixture(scope='module')
 def hf_dir(tmp_path_factory):
   directory = tmp_path_factory.mktemp('hf_llama')
-  save_tiny_llama_with_tokenizer(directory)
+  save_tiny_hf_llama(directory)
   return directory
-
-
-def finetune_config(hf_dir, tmp_path, **overrides):
-  config = importlib.import_module('configs.finetune_hf').get_config(str(hf_dir))
-  corpus = tmp_path / 'corpus.txt'
-  corpus.write_text(TEXT)
-  config.update(total_steps=2, batch_size=8, seq_len=32, log_every_steps=1, eval_every_steps=2,
-                eval_batches=1, checkpoint_every_steps=2)
-  config.data.update(source='text', path=str(corpus))
-  config.sample.num_tokens = 0
-  for key, value in overrides.items():
-    *parents, last = key.split('.')
-    node = config
-    for part in parents:
-      node = node[part]
-    node[last] = value
-  return config
 
 
 def hf_logits(path, tokens):

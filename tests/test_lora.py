@@ -1,4 +1,6 @@
 """LoRA adapters: the Dense formulas against numpy, merge, switching, and LoRA training runs."""
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ from lepton_jax import config_lib, experiment, lora, sample, sharding, steps, tr
 from lepton_jax import tree
 from lepton_jax.model import ModelConfig, Transformer, layers
 from lepton_jax.model.config import LoraConfig
-from tests.conftest import read_metrics, tiny_config
+from tests.conftest import finetune_config, read_metrics, save_tiny_hf_llama, tiny_config
 
 TOKENS = np.random.default_rng(0).integers(0, 64, (2, 12))
 
@@ -88,18 +90,6 @@ def test_merge_equals_the_adapters_and_unmerge_undoes_it(scan_layers, dora):
   for name, a, b in zip(tree.names(variables), jax.tree.leaves(variables),
                         jax.tree.leaves(unmerged)):
     np.testing.assert_allclose(a, b, atol=1e-6, err_msg=name)
-
-
-def test_several_adapters_over_one_base_switch_per_call():
-  model = tiny_model(targets=('q', 'v'))
-  base = init(model)
-  first, second = (lora.adapter_of(perturb_adapters(base, seed)['params']) for seed in (1, 2))
-  logits = {name: model.apply({'params': lora.with_adapter(base['params'], adapter)}, TOKENS)
-            for name, adapter in (('first', first), ('second', second))}
-  assert np.abs(logits['first'] - logits['second']).max() > 1e-3
-  for name, adapter in (('first', first), ('second', second)):
-    alone = perturb_adapters(base, 1 if name == 'first' else 2)
-    np.testing.assert_array_equal(model.apply(alone, TOKENS), logits[name])
 
 
 def test_lora_logits_on_an_fsdp_tensor_mesh_equal_one_device():
@@ -196,3 +186,55 @@ def test_bad_lora_configs_are_one_line_errors(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_lora_on_a_hugging_face_base_references_it_and_refuses_another(tmp_path):
+  pytest.importorskip('transformers')
+  save_tiny_hf_llama(tmp_path / 'base')
+  config = finetune_config(tmp_path / 'base', tmp_path, total_steps=4, checkpoint_every_steps=2,
+                           **{'lora.targets': ('all-linear',), 'lora.rank': 2,
+                              'optimizer.learning_rate': 1e-2})
+  straight = tmp_path / 'straight'
+  train.train_and_evaluate(config, str(straight))
+  # The base is not copied into the run: each checkpoint names it and its fingerprint.
+  assert not (straight / 'frozen').exists()
+  meta = json.loads((straight / 'checkpoints' / '4' / 'meta' / 'metadata').read_text())
+  assert meta['frozen_from']['source'] == f'hf:{tmp_path / "base"}'
+  saved = ocp.PyTreeCheckpointHandler().metadata(straight / 'checkpoints' / '4' / 'state').tree
+  nbytes = lambda leaves: sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves)
+  saved_bytes = nbytes(jax.tree.leaves(saved['trainable']) + jax.tree.leaves(saved['opt_state']))
+  base_bytes = (tmp_path / 'base' / 'model.safetensors').stat().st_size
+  assert saved_bytes < 0.25 * base_bytes  # Adapters and their two moments only.
+
+  resumed = tmp_path / 'resumed'
+  with pytest.MonkeyPatch.context() as patch:  # Preempted after step 2, then restarted.
+    patch.setattr(train.PreemptionWatch, 'reached', lambda self, step: step == 2)
+    train.train_and_evaluate(config, str(resumed))
+  train.train_and_evaluate(config, str(resumed))
+  lora_params = lambda workdir: jax.tree.leaves(lora.adapter_of(
+      sample.load(config, str(workdir))[1]['params']))
+  for a, b in zip(lora_params(straight), lora_params(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+  save_tiny_hf_llama(tmp_path / 'other', seed=1)
+  (tmp_path / 'base' / 'model.safetensors').write_bytes(
+      (tmp_path / 'other' / 'model.safetensors').read_bytes())
+  with pytest.raises(ValueError, match=r'trained on a base with fingerprint [0-9a-f]{16}, but '
+                                       r'config.init_from gives one with fingerprint [0-9a-f]{16}'):
+    sample.load(config, str(straight))
+
+
+def test_an_adapter_set_switches_by_name_and_refuses_another_layout():
+  model = tiny_model(targets=('q', 'v'))
+  base = init(model)
+  adapters = lora.AdapterSet(base)
+  for seed in (1, 2):
+    adapters.add(f'a{seed}', lora.adapter_of(perturb_adapters(base, seed)['params']))
+  for seed in (1, 2):
+    np.testing.assert_array_equal(model.apply(adapters.variables(f'a{seed}'), TOKENS),
+                                  model.apply(perturb_adapters(base, seed), TOKENS))
+  with pytest.raises(ValueError, match=r"no adapter named 'a3'; loaded: \['a1', 'a2'\]"):
+    adapters.variables('a3')
+  other = init(tiny_model(targets=('q', 'v'), rank=2))
+  with pytest.raises(ValueError, match="adapter 'r2' has other targets or rank than 'a1'"):
+    adapters.add('r2', lora.adapter_of(other['params']))
