@@ -1,8 +1,15 @@
-"""Causal self-attention with RoPE, GQA/MQA, optional qk-norm and sliding window.
+"""Causal self-attention with RoPE, GQA/MQA, optional qk-norm and sliding window, and its KV cache.
 
 Shape suffixes (`q_BTNH`) use the letters of the legend in lepton_jax/model/__init__.py.
+
+The KV cache is the `cache` variable collection: per layer `cached_key` and `cached_value`, each
+[B, S, K, H] with logical axes CACHE_AXES. Position p of a row lives in slot p % S, so a cache of
+S slots holds each row's last S positions: with S >= every position it holds them all, with
+S = the sliding window it is a ring buffer that holds exactly the keys a query can still see.
+`Prefill` fills a fresh cache from whole prompts; `Decode` runs one token per row against it.
 """
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,8 +62,61 @@ def causal_mask(q_len: int, kv_len: int, sliding_window: int) -> jax.Array:
   return mask
 
 
-def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_TS, dropout: nn.Module, deterministic: bool):
+# Logical axes of a cached key or value [B, S, K, H]: split like the activations they come from.
+CACHE_AXES = ('batch', 'length', 'kv_heads', 'head_dim')
+
+
+@flax.struct.dataclass
+class Prefill:
+  """Run whole right-padded prompts and fill a fresh cache of `cache_len` slots.
+
+  Row b's prompt is its first lengths_B[b] tokens. Attention runs within the tokens, as in
+  training; the cache keeps each row's last cache_len prompt positions.
+  """
+  lengths_B: jax.Array
+  cache_len: int = flax.struct.field(pytree_node=False)
+
+
+@flax.struct.dataclass
+class Decode:
+  """Run one token per row, at that row's own position: its key and value join the cache, its
+  query attends to the cache."""
+
+
+def slot_positions(positions_BT: jax.Array, cache_len: int) -> jax.Array:
+  """[B, T, S]: the position each slot holds once a row's newest token at position t is written:
+  the latest p <= t in the slot (p % S == s); negative for a slot not yet written."""
+  t_BT1 = positions_BT[..., None]
+  return t_BT1 - (t_BT1 - jnp.arange(cache_len)) % cache_len
+
+
+def cache_mask(positions_BT: jax.Array, cache_len: int, sliding_window: int) -> jax.Array:
+  """[B, T, S] bool: the slots a query at each position sees, as causal_mask would unpadded."""
+  key_pos_BTS = slot_positions(positions_BT, cache_len)
+  mask_BTS = key_pos_BTS >= 0
+  if sliding_window:
+    mask_BTS &= key_pos_BTS > positions_BT[..., None] - sliding_window
+  return mask_BTS
+
+
+def fill_slots(x_BTKH: jax.Array, lengths_B: jax.Array, cache_len: int) -> jax.Array:
+  """[B, S, K, H]: each row's last cache_len positions before lengths_B, each in its slot."""
+  key_pos_BS = slot_positions(lengths_B[:, None] - 1, cache_len)[:, 0]
+  index_BS11 = jnp.clip(key_pos_BS, 0, x_BTKH.shape[1] - 1)[:, :, None, None]
+  return jnp.take_along_axis(x_BTKH, index_BS11, axis=1)  # Unwritten slots: masked, any value.
+
+
+def write_slots(cache_BSKH: jax.Array, x_BTKH: jax.Array, positions_BT: jax.Array) -> jax.Array:
+  """The cache with each row's new keys (or values) written to their slots, in place."""
+  slots_BT = positions_BT % cache_BSKH.shape[1]
+  return jax.vmap(lambda cache_SKH, x_TKH, slots_T: cache_SKH.at[slots_T].set(x_TKH))(
+      cache_BSKH, x_BTKH, slots_BT)
+
+
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask, dropout: nn.Module, deterministic: bool):
   """Einsum attention; query heads N are grouped over K kv heads without repeating k/v.
+
+  `mask` is [T, S], the same for every row, or [B, T, S].
 
   Heads go in front once (B, K, G*T, H) so that both matmuls are plain batched matmuls over
   (B, K) with the G query heads of a kv head stacked along M. XLA:CPU otherwise fuses a transpose
@@ -70,7 +130,8 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_TS, dropout: nn.Module, determini
   q_BKMH = (q_BTNH * H ** -0.5).transpose(0, 2, 1, 3).reshape(B, K, G * T, H)
   k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
   logits_BKMS = jnp.einsum('bkmh,bksh->bkms', q_BKMH, k_BKSH).astype(jnp.float32)
-  logits_BKMS = jnp.where(jnp.tile(mask_TS, (G, 1)), logits_BKMS, jnp.finfo(jnp.float32).min)
+  mask_bMS = jnp.tile(mask, (G, 1))[..., None, :, :]  # b: B, or 1 for a [T, S] mask.
+  logits_BKMS = jnp.where(mask_bMS, logits_BKMS, jnp.finfo(jnp.float32).min)
   probs_BKMS = jax.nn.softmax(logits_BKMS, axis=-1).astype(v_BSKH.dtype)
   probs_BKMS = dropout(probs_BKMS, deterministic=deterministic)
   out_BKMH = jnp.einsum('bkms,bksh->bkmh', probs_BKMS, v_BKSH)
@@ -82,7 +143,8 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, deterministic: bool,
+               cache: Prefill | Decode | None = None) -> jax.Array:
     cfg = self.cfg
     dense = lambda features, in_axes, out_axes, bias, name: layers.Dense(
         features, in_axes=in_axes, out_axes=out_axes, use_bias=bias, dtype=cfg.dtype,
@@ -102,15 +164,47 @@ class Attention(nn.Module):
       k_BTKH = rope(k_BTKH, positions_BT, inv_freq_h)
     q_BTNH = nn.with_logical_constraint(q_BTNH, ('batch', 'length', 'act_heads', 'head_dim'))
 
-    T = x_BTD.shape[1]
-    mask_TS = causal_mask(T, T, cfg.sliding_window)
-    if cfg.attention == 'xla':
-      out_BTNH = xla_attention(q_BTNH, k_BTKH, v_BTKH, mask_TS, nn.Dropout(cfg.dropout),
+    if isinstance(cache, Decode):
+      k_BSKH, v_BSKH = self.decode_cache(k_BTKH, v_BTKH, positions_BT)
+      mask_BTS = cache_mask(positions_BT, k_BSKH.shape[1], cfg.sliding_window)
+      out_BTNH = xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, nn.Dropout(cfg.dropout),
                                deterministic)
     else:
-      window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
-      out_BTNH = jax.nn.dot_product_attention(
-          q_BTNH, k_BTKH, v_BTKH, is_causal=True, local_window_size=window,
-          implementation='cudnn' if cfg.attention == 'cudnn' else None)
+      if isinstance(cache, Prefill):
+        self.fill_cache(k_BTKH, v_BTKH, cache)
+      out_BTNH = self.self_attention(q_BTNH, k_BTKH, v_BTKH, deterministic)
     return dense((x_BTD.shape[-1],), ('heads', 'head_dim'), ('embed',), cfg.out_bias,
                  'out')(out_BTNH)
+
+  def self_attention(self, q_BTNH, k_BTKH, v_BTKH, deterministic: bool) -> jax.Array:
+    """Attention of the tokens to each other (training, evaluation, prefill)."""
+    cfg = self.cfg
+    if cfg.attention == 'xla':
+      T = q_BTNH.shape[1]
+      return xla_attention(q_BTNH, k_BTKH, v_BTKH, causal_mask(T, T, cfg.sliding_window),
+                           nn.Dropout(cfg.dropout), deterministic)
+    window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BTKH, v_BTKH, is_causal=True, local_window_size=window,
+        implementation='cudnn' if cfg.attention == 'cudnn' else None)
+
+  def fill_cache(self, k_BTKH, v_BTKH, prefill: Prefill) -> None:
+    """Creates this layer's cache from the prompts' keys and values."""
+    for name, x_BTKH in (('cached_key', k_BTKH), ('cached_value', v_BTKH)):
+      B, _, K, H = x_BTKH.shape
+      variable = self.variable('cache', name, nn.with_logical_partitioning(jnp.zeros, CACHE_AXES),
+                               (B, prefill.cache_len, K, H), x_BTKH.dtype)
+      variable.value = nn.with_logical_constraint(
+          fill_slots(x_BTKH, prefill.lengths_B, prefill.cache_len), CACHE_AXES)
+
+  def decode_cache(self, k_BTKH, v_BTKH, positions_BT) -> tuple[jax.Array, jax.Array]:
+    """Writes the new tokens' keys and values into this layer's cache; returns the cache."""
+    if k_BTKH.shape[1] != 1:  # A ring would overwrite keys that earlier queries of a step see.
+      raise ValueError(f'Decode runs one token per row; got {k_BTKH.shape[1]}')
+    cached = []
+    for name, x_BTKH in (('cached_key', k_BTKH), ('cached_value', v_BTKH)):
+      variable = self.variable('cache', name)
+      variable.value = nn.with_logical_constraint(
+          write_slots(variable.value, x_BTKH, positions_BT), CACHE_AXES)
+      cached.append(variable.value)
+    return tuple(cached)

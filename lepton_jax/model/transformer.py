@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from lepton_jax.model import layers
-from lepton_jax.model.attention import Attention
+from lepton_jax.model import attention
 from lepton_jax.model.config import ModelConfig
 
 REMAT_POLICIES = {
@@ -57,11 +57,13 @@ class Block(nn.Module):
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array):
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
+               cache: attention.Prefill | attention.Decode | None = None):
     cfg = self.cfg
     norm = lambda name: layers.make_norm(cfg, name)
     residual_dropout = nn.Dropout(cfg.dropout)
-    h_BTD = Attention(cfg, name='attn')(norm('attn_norm')(x_BTD), positions_BT, self.deterministic)
+    h_BTD = attention.Attention(cfg, name='attn')(norm('attn_norm')(x_BTD), positions_BT,
+                                                  self.deterministic, cache)
     x_BTD = x_BTD + residual_dropout(h_BTD, deterministic=self.deterministic)
     h_BTD = Mlp(cfg, name='mlp')(norm('mlp_norm')(x_BTD), self.deterministic)
     x_BTD = x_BTD + residual_dropout(h_BTD, deterministic=self.deterministic)
@@ -70,12 +72,18 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """tokens [B, T] int -> logits [B, T, V] float32."""
+  """tokens [B, T] int -> logits [B, T, V] float32.
+
+  With `cache` (applied with mutable=['cache']), the `cache` collection is the KV cache
+  (attention.py): `attention.Prefill` fills it from right-padded prompts and returns only each
+  prompt's last logits, [B, 1, V]; `attention.Decode` runs tokens [B, 1] at positions_BT through it.
+  """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True,
+               cache: attention.Prefill | attention.Decode | None = None) -> jax.Array:
     cfg = self.cfg
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
@@ -100,11 +108,16 @@ class Transformer(nn.Module):
       stack = nn.scan(block, variable_axes={True: 0}, split_rngs={'params': True, 'dropout': True},
                       in_axes=nn.broadcast, length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_BTD, _ = stack(cfg, deterministic=deterministic, name='layers')(x_BTD, positions_BT)
+      x_BTD, _ = stack(cfg, deterministic=deterministic, name='layers')(x_BTD, positions_BT,
+                                                                          cache)
     else:
       for i in range(cfg.num_layers):
-        x_BTD, _ = block(cfg, deterministic=deterministic, name=f'layers_{i}')(x_BTD, positions_BT)
+        x_BTD, _ = block(cfg, deterministic=deterministic, name=f'layers_{i}')(x_BTD, positions_BT,
+                                                                               cache)
 
+    if isinstance(cache, attention.Prefill):  # The head only where the next token is drawn.
+      last_B11 = (cache.lengths_B - 1)[:, None, None]
+      x_BTD = jnp.take_along_axis(x_BTD, last_B11, axis=1)
     x_BTD = layers.make_norm(cfg, 'final_norm')(x_BTD)
     if cfg.tie_embeddings:
       logits_BTV = embed.attend(x_BTD)
