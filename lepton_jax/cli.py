@@ -70,12 +70,12 @@ def initialize_distributed() -> str:
 
 
 @contextlib.contextmanager
-def command_line(program: str, argv: list[str]):
+def command_line(program: str, argv: list[str], needs_workdir: bool = True):
   """Set-up and errors of a --config/--workdir command: checks the arguments, joins the
   multi-host job (before any other JAX use) and turns bad input into one line."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if FLAGS.workdir is None:
+  if needs_workdir and FLAGS.workdir is None:
     raise app.UsageError('--workdir is required')
   quiet_library_info_logs()
   try:

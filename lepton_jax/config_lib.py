@@ -4,6 +4,8 @@ An experiment is one file in configs/ whose `get_config(arg)` calls `base_config
 what it varies. Code reads the config at the top (train.py, model constructors) and passes plain
 values down.
 """
+import importlib.util
+
 import ml_collections
 
 from lepton_jax import data, optim
@@ -184,6 +186,12 @@ def base_config() -> ml_collections.ConfigDict:
       temperature=0.8,
       top_k=40,
   ))
+
+  # Evaluators that run during training besides the validation loss (which logs eval/loss,
+  # eval/perplexity, eval/accuracy and eval/bits_per_byte every eval_every_steps steps), each
+  # under eval/NAME/...: config.evals.NAME = dict(type=..., every=..., ...). The types and their
+  # options are in lepton_jax/evals/evaluators.py; lepton-eval runs them all.
+  config.evals = ml_collections.ConfigDict()
   return config
 
 
@@ -291,3 +299,36 @@ def resolve_vocab(model_config: ml_collections.ConfigDict, tokenizer) -> ml_coll
     raise ValueError(f'the tokenizer has {tokenizer.vocab_size} tokens but '
                      f'config.model.vocab_size={model_config.vocab_size}')
   return model_config
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """`get_config(ARG)` of a config file given as FILE.py[:ARG], as --config reads it."""
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('lepton_jax_config_file', path)
+  if module_spec is None or not path.endswith('.py'):
+    raise FileNotFoundError(f'config {spec!r}: {path} is not a Python config file')
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except FileNotFoundError:
+    raise FileNotFoundError(f'config {spec!r}: {path} does not exist') from None
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted keys set (`{'model.mlp': 'gelu'}`), as --config.KEY=VALUE
+  sets them: a key that names no field, or a value of the wrong type, is a ValueError naming it."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    target = config
+    try:
+      for parent in parents:
+        target = target[parent]
+      if leaf not in target:
+        raise KeyError(leaf)
+      target[leaf] = value
+    except (KeyError, AttributeError, TypeError) as e:
+      reason = 'names no field' if not isinstance(e, TypeError) else f'has the wrong type ({e})'
+      raise ValueError(f'config.{key}={value!r} {reason}') from None
+  return config

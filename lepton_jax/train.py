@@ -6,7 +6,6 @@
 Restarting with the same workdir resumes from the latest complete checkpoint; SIGTERM
 (preemption) writes a checkpoint and exits cleanly.
 """
-import functools
 import signal
 import time
 
@@ -16,18 +15,8 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from lepton_jax import checkpoint, cli, config_lib, data, distributed, experiment, flops
+from lepton_jax import checkpoint, cli, config_lib, data, distributed, evals, experiment, flops
 from lepton_jax import metrics, pretrained, sample, sharding, steps, train_state
-
-
-def evaluate(eval_fn, variables, eval_batches, batch_sharding) -> dict[str, float]:
-  totals = {'loss_sum': 0.0, 'tokens': 0.0, 'correct': 0.0}
-  for batch in eval_batches:
-    sums = eval_fn(variables, global_batch(batch, batch_sharding))
-    totals = {k: totals[k] + float(sums[k]) for k in totals}
-  loss = totals['loss_sum'] / max(totals['tokens'], 1.0)
-  return {'eval/loss': loss, 'eval/perplexity': float(np.exp(loss)),
-          'eval/accuracy': totals['correct'] / max(totals['tokens'], 1.0)}
 
 
 def global_batch(local_batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
@@ -108,8 +97,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   train_iter = data.make_train_iterator(config, tokenizer, jax.process_index(),
                                         jax.process_count())
-  eval_batches = data.make_eval_batches(config, tokenizer, jax.process_index(),
-                                        jax.process_count())
+  # The validation loss and config.evals; task files are read and data tokenized here, before
+  # the first step.
+  evaluators = evals.build(config, model, tokenizer, mesh, rules)
   peak_flops = flops.peak_flops_per_device(run.model_config.dtype)
 
   with sharding.use_mesh(mesh, rules):
@@ -136,9 +126,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     meta = dict(run.meta, frozen_from=frozen_from) if frozen_from else run.meta
 
     train_fn = train_state.jit_train_step(model, tx, schedule, config, layout, batch_sharding)
-    eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
-                      in_shardings=(layout.variable_shardings, batch_sharding),
-                      out_shardings=sharding.replicated(mesh))
     variables = lambda: steps.model_variables(state.trainable, frozen)
 
     step = int(state.step)
@@ -155,8 +142,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       step_metrics = {k: float(v) for k, v in device_metrics.items()}
       finished = time.perf_counter()
       guard.check(step, step_metrics)
-      should_eval = step % config.eval_every_steps == 0 or step == config.total_steps
-      if not (step % config.log_every_steps == 0 or should_eval):
+      due = evals.due(evaluators, step, config.total_steps)
+      if not (step % config.log_every_steps == 0 or due):
         return
       del step_metrics['nonfinite']
       if config.nonfinite == 'skip':
@@ -170,8 +157,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           step_metrics['mfu'] = flops.mfu(tokens_per_sec / jax.device_count(), flops_per_token,
                                           peak_flops)
       window = (step, finished)
-      if should_eval:
-        step_metrics.update(evaluate(eval_fn, variables(), eval_batches, batch_sharding))
+      if due:
+        step_metrics.update(evals.run(due, variables()))
         window = (step, time.perf_counter())  # Evaluation is not training time.
       writer.write(step, step_metrics)
       bar.set_postfix(loss=f"{step_metrics['train/loss']:.3f}")
@@ -196,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         preempted = preemption.reached(step)
         should_save = (step % config.checkpoint_every_steps == 0 or
                        step == config.total_steps or preempted)
-        if should_save or step % config.eval_every_steps == 0:
+        if should_save or evals.due(evaluators, step, config.total_steps):
           report(*pending)  # Before saving: a non-finite step is never written.
           pending = None
         if should_save:

@@ -1,0 +1,113 @@
+"""Evaluate a trained run or a Hugging Face model: `lepton-eval`.
+
+  lepton-eval --config=configs/stdlib_tiny.py --workdir=/tmp/stdlib_tiny [--step=400]
+  lepton-eval --hf_dir=/models/Qwen2.5-0.5B [--config=...] --tasks=humaneval
+  lepton-eval ... --tasks=multiple_choice:arc.jsonl,generation:qa.jsonl --out=results.json
+
+Reads params only (any optimizer, onto the mesh `config.mesh` describes) and runs the validation
+loss on the config's data and every evaluator of `config.evals` (lepton_jax/evals/evaluators.py),
+with the metric names training logs (eval/loss, eval/bits_per_byte, eval/NAME/acc, ...), plus
+what the model costs (cost/params, cost/param_bytes[/DTYPE], cost/forward_tokens_per_sec,
+cost/eval_step_peak_bytes). Prints a markdown table; --out also writes the results as JSON.
+
+With --hf_dir the model and tokenizer are the directory's; the config (default: the base one)
+gives the data, the mesh and the evaluators.
+"""
+import json
+
+from absl import app, flags
+from etils import epath
+import jax
+import ml_collections
+
+from lepton_jax import cli, config_lib, evals, sample, sharding
+from lepton_jax.evals import cost
+
+flags.DEFINE_string('hf_dir', None, 'Evaluate this Hugging Face model directory instead of a '
+                    '--workdir run.')
+flags.DEFINE_integer('step', None, 'Checkpoint step of the --workdir run (default: the latest).')
+flags.DEFINE_list('tasks', [], 'Task files besides config.evals, each TYPE:PATH (name: the file '
+                  "name's stem) or humaneval; TYPE is one of " + ', '.join(
+                      t for t in evals.TYPES if t not in ('lm', 'humaneval')) + '.')
+flags.DEFINE_string('out', None, 'Also write the results to this JSON file.')
+flags.DEFINE_bool('cost', True, 'Measure parameters, forward tokens/s and compiled memory.')
+
+
+def load(config: ml_collections.ConfigDict, workdir: str | None = None,
+         hf_dir: str | None = None, step: int | None = None):
+  """(model, variables, tokenizer) of a run's checkpoint (`workdir`, `step`) or a Hugging Face
+  directory, the variables placed on `config.mesh`."""
+  if hf_dir:
+    from lepton_jax import hf  # The hf extra, only when asked for.
+    model, variables = hf.load(hf_dir, mesh=sharding.make_mesh(config.mesh),
+                               rules=config.mesh.rules)
+    return model, variables, hf.load_tokenizer(hf_dir)
+  return sample.load(config, workdir, step)
+
+
+def task_specs(tasks: list[str]) -> dict[str, dict]:
+  """config.evals-style specs of --tasks entries (TYPE:PATH, or humaneval)."""
+  specs = {}
+  for task in tasks:
+    kind, _, path = task.partition(':')
+    if kind not in evals.TYPES or kind == 'lm' or (kind == 'humaneval') == bool(path):
+      raise ValueError(f'--tasks entry {task!r}: expected TYPE:PATH with TYPE one of '
+                       f"{tuple(t for t in evals.TYPES if t not in ('lm', 'humaneval'))}, "
+                       'or humaneval')
+    name = epath.Path(path).stem if path else kind
+    if name in specs:
+      raise ValueError(f'--tasks: two tasks are named {name!r}; rename one of the files')
+    specs[name] = {'type': kind, 'path': path} if path else {'type': kind}
+  return specs
+
+
+def evaluate(config: ml_collections.ConfigDict, model, variables, tokenizer,
+             tasks: dict[str, dict] | None = None, measure_cost: bool = True) -> dict[str, float]:
+  """Every evaluator of `config` (and `tasks`) once, and the model's cost."""
+  mesh, rules = sharding.make_mesh(config.mesh), config.mesh.rules
+  with sharding.use_mesh(mesh, rules):
+    metrics = evals.run(evals.build(config, model, tokenizer, mesh, rules, tasks), variables)
+    if measure_cost:
+      measured = {**cost.param_counts(variables['params']),
+                  **cost.forward_cost(model, variables, mesh, rules, config.batch_size,
+                                      config.seq_len)}
+      metrics.update({f'cost/{key}': value for key, value in measured.items()})
+  return metrics
+
+
+def markdown_table(metrics: dict[str, float]) -> str:
+  def number(value) -> str:
+    if isinstance(value, int):
+      return str(value)
+    return f'{value:.4f}' if abs(value) < 100 else f'{value:.1f}'
+  rows = [f'| {key} | {number(value)} |' for key, value in metrics.items()]
+  return '\n'.join(['| metric | value |', '|---|---|', *rows])
+
+
+def main(argv):
+  f = cli.FLAGS
+  if f.config is None and not f.hf_dir:
+    raise app.UsageError('--config is required (with --workdir), or give --hf_dir')
+  if bool(f.workdir) == bool(f.hf_dir):
+    raise app.UsageError('give one of --workdir (a lepton run) and --hf_dir')
+  config = f.config if f.config is not None else config_lib.base_config()
+  with cli.command_line('lepton-eval', argv, needs_workdir=False):
+    config_lib.validate(config)
+    tasks = task_specs(f.tasks)
+    model, variables, tokenizer = load(config, f.workdir, f.hf_dir, f.step)
+    metrics = evaluate(config, model, variables, tokenizer, tasks, f.cost)
+    if jax.process_index() == 0:
+      if f.out:
+        source = {'hf_dir': f.hf_dir} if f.hf_dir else {'workdir': f.workdir, 'step': f.step}
+        epath.Path(f.out).write_text(json.dumps({**source, 'metrics': metrics}, indent=2))
+      print(markdown_table(metrics), flush=True)
+
+
+def run():
+  """Console-script entry point (`lepton-eval`)."""
+  cli.define_flags()
+  app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == '__main__':
+  run()
