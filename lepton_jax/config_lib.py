@@ -135,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
       eval_split='test',
       text_key='text',  # tfds feature holding the text
       val_fraction=0.1,  # stdlib/text: share held out for validation.
+      # stdlib: fnmatch patterns over library-relative paths ('email/*'); include () = all.
+      include=(),
+      exclude=(),
       tokenizer='sentencepiece',  # sentencepiece | bytes | hf
       # sentencepiece: an existing .model; '' trains one (cached in the workdir). hf: a Hugging
       # Face directory (tokenizer.json or tokenizer.model; bos/eos ids from its config files).

@@ -508,3 +508,14 @@ def test_streaming_reads_a_tfds_source():
 def test_unigram_entropy_of_uniform_and_constant_streams():
   assert pipeline.unigram_entropy(np.arange(8).repeat(3)) == pytest.approx(np.log(8))
   assert pipeline.unigram_entropy(np.full(10, 5)) == 0.0
+
+
+def test_stdlib_include_and_exclude_select_package_families():
+  everything = sources.stdlib_paths(0.1, 'train')
+  without = sources.stdlib_paths(0.1, 'train', exclude=('email/*', 'xml/*'))
+  only = sources.stdlib_paths(0.1, 'train', include=('email/*', 'xml/*'))
+  root = sources.stdlib_root()
+  family = lambda path: path.relative_to(root).parts[0]
+  assert only and {family(p) for p in only} == {'email', 'xml'}
+  assert not {family(p) for p in without} & {'email', 'xml'}
+  assert set(without) | set(only) == set(everything) and not set(without) & set(only)

@@ -6,6 +6,7 @@ text:   a file, a directory or a glob, local or gs://; every file is split head 
 tfds:   a prepared TFDS dataset read through `tfds.data_source` (random access, no TensorFlow).
 """
 from collections.abc import Sequence
+import fnmatch
 import glob
 import hashlib
 import os
@@ -20,7 +21,8 @@ from lepton_jax import paths
 SPLITS = ('train', 'eval')
 # config.data.source -> (data config, split) -> the documents of that split.
 SOURCES = {
-    'stdlib': lambda data_config, split: stdlib_documents(data_config.val_fraction, split),
+    'stdlib': lambda data_config, split: stdlib_documents(
+        data_config.val_fraction, split, data_config.include, data_config.exclude),
     'text': lambda data_config, split: text_documents(data_config.path, data_config.val_fraction,
                                                       split),
     'tfds': lambda data_config, split: tfds_documents(
@@ -56,8 +58,13 @@ def stdlib_root() -> pathlib.Path:
   return pathlib.Path(sysconfig.get_paths()['stdlib'])
 
 
-def stdlib_paths(val_fraction: float, split: str) -> list[pathlib.Path]:
-  """The standard library's .py files of `split`, sorted; installed packages excluded."""
+def stdlib_paths(val_fraction: float, split: str, include: Sequence[str] = (),
+                 exclude: Sequence[str] = ()) -> list[pathlib.Path]:
+  """The standard library's .py files of `split`, sorted; installed packages excluded.
+
+  `include` (if any) and `exclude` are fnmatch patterns over paths relative to the library
+  ('email/*' is the email package): a run can hold out a package family for adaptation.
+  """
   root = stdlib_root()
   paths = []
   for directory, subdirs, files in os.walk(root):
@@ -65,8 +72,11 @@ def stdlib_paths(val_fraction: float, split: str) -> list[pathlib.Path]:
     for name in sorted(files):
       if name.endswith('.py'):
         path = pathlib.Path(directory, name)
-        in_eval = _hash_fraction(path.relative_to(root).as_posix()) < val_fraction
-        if in_eval == (split == 'eval'):
+        relative = path.relative_to(root).as_posix()
+        if ((include and not any(fnmatch.fnmatch(relative, p) for p in include)) or
+            any(fnmatch.fnmatch(relative, p) for p in exclude)):
+          continue
+        if (_hash_fraction(relative) < val_fraction) == (split == 'eval'):
           paths.append(path)
   return paths
 
@@ -76,9 +86,10 @@ def _hash_fraction(key: str) -> float:
   return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], 'big') / 2**64
 
 
-def stdlib_documents(val_fraction: float, split: str) -> list[str]:
+def stdlib_documents(val_fraction: float, split: str, include: Sequence[str] = (),
+                     exclude: Sequence[str] = ()) -> list[str]:
   documents = []
-  for path in stdlib_paths(val_fraction, split):
+  for path in stdlib_paths(val_fraction, split, include, exclude):
     try:
       documents.append(path.read_bytes().decode('utf-8'))
     except UnicodeDecodeError:
