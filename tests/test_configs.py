@@ -15,8 +15,9 @@ CONFIG_NAMES = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / 'c
                       if p.stem != '__init__')
 
 
+# Configs whose argument (the weights they start from) has no default.
 CONFIG_ARGS = {'finetune_hf': '/path/to/hf_dir', 'lora_hf': '/path/to/hf_dir',
-               'lora_stdlib': '/path/to/workdir'}  # Configs whose argument has no default.
+               'lora_stdlib': '/path/to/workdir', 'lora_adapt': '/path/to/workdir'}
 
 
 @pytest.mark.parametrize('name', CONFIG_NAMES)

@@ -16,6 +16,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / 'notebooks' / 'quickstart.ipynb'
 HF_NOTEBOOK = REPO / 'notebooks' / 'hf_finetune.ipynb'
+LORA_NOTEBOOK = REPO / 'notebooks' / 'lora_finetune.ipynb'
 
 OVERRIDES = """\
 config.total_steps = 30
@@ -52,7 +53,7 @@ def _kernel_env(tmp_path):
   return env
 
 
-@pytest.mark.parametrize('path', [NOTEBOOK, HF_NOTEBOOK], ids=lambda path: path.stem)
+@pytest.mark.parametrize('path', [NOTEBOOK, HF_NOTEBOOK, LORA_NOTEBOOK], ids=lambda path: path.stem)
 def test_notebook_is_stored_without_outputs(path):
   nb = nbformat.read(path, as_version=4)
   nbformat.validate(nb)
@@ -105,3 +106,34 @@ def test_hf_finetune_runs(tmp_path):
                       for out in cell.outputs if out.output_type == 'stream')
   assert 'max |lepton - transformers| logits' in printed  # The notebook asserts both bounds.
   assert 'changed by fine-tuning' in printed and "'model.safetensors'" in printed
+
+
+LORA_OVERRIDES = """\
+BASE_STEPS = 30
+LORA_STEPS = 30
+from configs import stdlib_tiny as _tiny
+_get = _tiny.get_config
+def _small(arg=None):  # A 2-layer model: seconds, not minutes.
+  config = _get(arg)
+  config.batch_size = 8
+  config.seq_len = 64
+  config.eval_batches = 2
+  config.model.update(num_layers=2, d_model=64, num_heads=2, num_kv_heads=2, head_dim=32, d_ff=128)
+  return config
+_tiny.get_config = _small"""
+
+
+def test_lora_finetune_runs(tmp_path):
+  nb = nbformat.read(LORA_NOTEBOOK, as_version=4)
+  (params,) = _cells_with_tag(nb, 'parameters')
+  nb.cells.insert(params + 1, nbformat.v4.new_code_cell(
+      LORA_OVERRIDES, metadata={'tags': ['injected-parameters']}))
+
+  nbclient.NotebookClient(nb, kernel_name='python3', timeout=300,
+                          resources={'metadata': {'path': str(REPO)}}).execute(
+                              env=_kernel_env(tmp_path))
+
+  printed = '\n'.join(out.get('text', '') for cell in nb.cells if cell.cell_type == 'code'
+                      for out in cell.outputs if out.output_type == 'stream')
+  assert 'held-out email/ + xml/ loss: base' in printed  # The notebook asserts LoRA < base.
+  assert 'max |merged - adapted| logits' in printed
