@@ -47,5 +47,5 @@ def get_config(arg=None):
   o.weight_decay = 0.1
 
   config.sample.prompt = 'ROMEO:'
-  config.sample.num_tokens = 300
+  config.sample.num_tokens = 56  # What the 64 positions leave after the prompt and its boundary.
   return config

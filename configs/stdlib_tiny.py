@@ -31,6 +31,8 @@ def get_config(arg=None):
   m.d_ff = 512
   m.max_seq_len = 128
 
+  config.sample.num_tokens = 120  # Within the 128 positions, after a short prompt.
+
   config.optimizer.learning_rate = 3e-3
   config.optimizer.warmup_steps = 60
   return config

@@ -8,7 +8,7 @@ import importlib.util
 
 import ml_collections
 
-from lepton_jax import data, optim
+from lepton_jax import data, generate, optim
 from lepton_jax.model import attention, layers, transformer
 from lepton_jax.model.config import LORA_INITS
 
@@ -183,11 +183,17 @@ def base_config() -> ml_collections.ConfigDict:
       rules=DEFAULT_RULES,
   ))
 
+  # The sample at the end of training and scripts/sample.py (lepton_jax/generate.py draws it).
+  # The prompt follows a document boundary; num_tokens (0: none) must fit the model's
+  # max_seq_len positions after it. temperature 0 is greedy; top_k 0, top_p 1, min_p 0 are off.
   config.sample = ml_collections.ConfigDict(dict(
       prompt='',
       num_tokens=200,
       temperature=0.8,
       top_k=40,
+      top_p=1.0,
+      min_p=0.0,
+      seed=0,  # Sample i of a batch draws from fold_in(key(seed), i).
   ))
 
   # Evaluators that run during training besides the validation loss (which logs eval/loss,
@@ -291,6 +297,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError('config.lora.dropout must be in [0, 1) and config.lora.plus_ratio positive')
   if m.vocab_size < 0 or not 0.0 <= m.dropout < 1.0:
     raise ValueError('config.model.vocab_size must be >= 0 and config.model.dropout in [0, 1)')
+  validate_sample(config.sample, m.max_seq_len)
+
+
+def validate_sample(sample: ml_collections.ConfigDict, max_seq_len: int) -> None:
+  """config.sample; whether its prompt fits too needs the tokenizer (sample.check_fits)."""
+  if not 0 <= sample.num_tokens <= max_seq_len:
+    raise ValueError(f'config.sample.num_tokens={sample.num_tokens}: must be in [0, '
+                     f'config.model.max_seq_len={max_seq_len}] (0: no sample)')
+  try:
+    generate.check_sampling(sample.temperature, sample.top_k, sample.top_p, sample.min_p)
+  except ValueError as e:
+    raise ValueError(f'config.sample.{e}') from None
 
 
 def resolve_vocab(model_config: ml_collections.ConfigDict, tokenizer) -> ml_collections.ConfigDict:

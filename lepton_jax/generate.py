@@ -211,8 +211,9 @@ def decode_step(model: Transformer, variables, state: DecodeState,
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens'), donate_argnames='state')
 def decode_loop(model: Transformer, variables, state: DecodeState, stop_ids: jax.Array,
                 max_new_tokens: int) -> tuple[DecodeState, jax.Array]:
-  """Decode steps until every row has stopped: (the final state, tokens_BC), row b's new tokens
-  in tokens_BC[b, :num_new_B[b]]; max_new_tokens (C) bounds every row's max_new_B."""
+  """Decode steps until every row has stopped: (the final state, tokens_BC), where row b holds
+  its new tokens then -1s, replicated for every host to read; max_new_tokens (C) bounds every
+  row's max_new_B."""
   rows_B = jnp.arange(state.tokens_B.shape[0])
   record = lambda state, tokens_BC: tokens_BC.at[rows_B, state.num_new_B - 1].set(state.tokens_B)
 
@@ -221,8 +222,10 @@ def decode_loop(model: Transformer, variables, state: DecodeState, stop_ids: jax
     state = decode_step(model, variables, state, stop_ids)
     return state, record(state, tokens_BC)
 
-  tokens_BC = record(state, jnp.zeros((rows_B.size, max_new_tokens), jnp.int32))
-  return jax.lax.while_loop(lambda carry: ~jnp.all(carry[0].done_B), step, (state, tokens_BC))
+  tokens_BC = record(state, jnp.full((rows_B.size, max_new_tokens), -1, jnp.int32))
+  state, tokens_BC = jax.lax.while_loop(lambda carry: ~jnp.all(carry[0].done_B), step,
+                                        (state, tokens_BC))
+  return state, nn.with_logical_constraint(tokens_BC, (None, None))
 
 
 # --- the whole thing ------------------------------------------------------------------------
@@ -273,10 +276,9 @@ def generate(model: Transformer, variables, prompt_tokens: Sequence[Sequence[int
   cache_len = cache_length(cfg, bucket(longest + max_new_tokens - 1, cfg.max_seq_len))
   state = prefill(model, variables, tokens_BT, lengths_B, cache_len,
                   sampling(rows, temperature, top_k, top_p, min_p, seed), max_new_B, stops)
-  state, tokens_BC = decode_loop(model, variables, state, stops, max_new_tokens)
-  tokens_BC, num_new_B = jax.device_get((tokens_BC, state.num_new_B))
+  tokens_BC = np.asarray(decode_loop(model, variables, state, stops, max_new_tokens)[1])
   new = []
-  for row in range(len(prompt_tokens)):
-    tokens = tokens_BC[row, :num_new_B[row]].tolist()
-    new.append(tokens[:-1] if tokens and tokens[-1] in stop_set else tokens)
+  for row_C in tokens_BC[:len(prompt_tokens)]:
+    tokens = row_C[row_C >= 0].tolist()
+    new.append(tokens[:-1] if tokens[-1] in stop_set else tokens)
   return new

@@ -1,13 +1,12 @@
-"""Draw text from a trained model (a fixed-window loop; the KV-cache decoder is in a later room)."""
-from etils import epath
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
+"""Text from a trained run: `load` its checkpoint, `sample_texts` continues prompts with it."""
+from typing import Sequence
 
-from lepton_jax import checkpoint, config_lib, data, experiment, pretrained, sharding
+from etils import epath
+import ml_collections
+
+from lepton_jax import checkpoint, config_lib, data, experiment, generate, pretrained, sharding
 from lepton_jax import train_state
+from lepton_jax.model import ModelConfig, Transformer
 
 
 def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
@@ -38,25 +37,35 @@ def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = Non
   return run.model, variables, run.tokenizer
 
 
-def sample_text(model: nn.Module, variables, tokenizer, prompt: str, num_tokens: int,
-                temperature: float, top_k: int, window: int, seed: int) -> str:
-  """Appends `num_tokens` sampled tokens to `prompt`, attending to at most `window` tokens."""
-  # Start as at a document boundary: the end of one document, the start of the next.
-  start = [tokenizer.eos_id] + data.document_start(tokenizer)
-  tokens = start + tokenizer.encode(prompt)
+def prompt_tokens(tokenizer, prompt: str) -> list[int]:
+  """`prompt` as text appeared in training: after a document boundary (the end of one document,
+  the start of the next)."""
+  return [tokenizer.eos_id] + data.document_start(tokenizer) + tokenizer.encode(prompt)
 
-  @jax.jit
-  def next_token(variables, window_1T, last_index, key):
-    logits_V = model.apply(variables, window_1T)[0, last_index]
-    if top_k:
-      kth_largest = jax.lax.top_k(logits_V, top_k)[0][-1]
-      logits_V = jnp.where(logits_V < kth_largest, -jnp.inf, logits_V)
-    return jax.random.categorical(key, logits_V / max(temperature, 1e-6))
 
-  key = jax.random.key(seed)
-  for i in range(num_tokens):
-    context = tokens[-window:]
-    window_1T = np.zeros((1, window), np.int32)
-    window_1T[0, :len(context)] = context  # Right padding is invisible to causal attention.
-    tokens.append(int(next_token(variables, window_1T, len(context) - 1, jax.random.fold_in(key, i))))
-  return tokenizer.decode(tokens[len(start):])
+def settings(sample_config: ml_collections.ConfigDict) -> dict:
+  """The sampling keywords of `sample_texts` from `config.sample`."""
+  return {key: sample_config[key] for key in ('temperature', 'top_k', 'top_p', 'min_p', 'seed')}
+
+
+def check_fits(model_config: ModelConfig, tokenizer, sample_config: ml_collections.ConfigDict):
+  """Raises naming config.sample unless its prompt and num_tokens fit the model's positions, so
+  that a run learns it before training rather than after."""
+  try:
+    generate.check_prompts(model_config, [prompt_tokens(tokenizer, sample_config.prompt)],
+                           sample_config.num_tokens)
+  except ValueError as e:
+    raise ValueError(f'config.sample.prompt={sample_config.prompt!r} with '
+                     f'config.sample.num_tokens={sample_config.num_tokens}: {e}') from None
+
+
+def sample_texts(model: Transformer, variables, tokenizer, prompts: Sequence[str],
+                 num_tokens: int, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 min_p: float = 0.0, seed: int = 0) -> list[str]:
+  """Each prompt followed by up to `num_tokens` new tokens, drawn in one batch by the KV-cache
+  decoder (lepton_jax/generate.py); a text ends early where the model ends its document."""
+  starts = [prompt_tokens(tokenizer, prompt) for prompt in prompts]
+  new = generate.generate(model, variables, starts, num_tokens, temperature, top_k, top_p, seed,
+                          stop_ids=tokenizer.eos_ids, min_p=min_p)
+  boundary = len(prompt_tokens(tokenizer, ''))
+  return [tokenizer.decode(start[boundary:] + tokens) for start, tokens in zip(starts, new)]

@@ -93,6 +93,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_coordinator:
     experiment.save_run_config(config, run, workdir)
   tokenizer, model, checkpointer = run.tokenizer, run.model, run.checkpointer
+  if config.sample.num_tokens:  # A sample that cannot fit fails now, not after training.
+    sample.check_fits(run.model_config, tokenizer, config.sample)
   tx, schedule = experiment.make_optimizer(config)
 
   train_iter = data.make_train_iterator(config, tokenizer, jax.process_index(),
@@ -198,9 +200,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpointer.close()
 
     if step == config.total_steps and config.sample.num_tokens:
-      text = sample.sample_text(model, variables(), tokenizer, config.sample.prompt,
-                                config.sample.num_tokens, config.sample.temperature,
-                                config.sample.top_k, config.seq_len, config.seed)
+      (text,) = sample.sample_texts(model, variables(), tokenizer, [config.sample.prompt],
+                                    config.sample.num_tokens, **sample.settings(config.sample))
       writer.write_text(step, 'sample', text)
       if is_coordinator:
         print(f'--- sample after {step} steps ---\n{text}\n---', flush=True)

@@ -7,7 +7,7 @@ import sys
 import jax
 import pytest
 
-from lepton_jax import data, sample, steps, train
+from lepton_jax import config_lib, data, sample, steps, train
 from tests.conftest import read_metrics, tiny_config
 
 REPO = pathlib.Path(__file__).parent.parent
@@ -37,12 +37,42 @@ def test_load_restores_the_params_the_run_evaluated(trained, step):
   assert eval_loss(config, model, variables, tokenizer) == pytest.approx(logged[step or 20], rel=1e-5)
 
 
-def test_loaded_model_continues_a_prompt(trained):
+def test_loaded_model_continues_prompts_in_one_batch(trained):
   config, workdir = trained
   model, variables, tokenizer = sample.load(config, workdir)
-  text = sample.sample_text(model, variables, tokenizer, 'line 3', num_tokens=40, temperature=0.5,
-                            top_k=10, window=config.seq_len, seed=0)
-  assert text.startswith('line 3') and len(tokenizer.encode(text)) == len('line 3') + 40
+  prompts = ['line 3', 'line 12: the', 'line 3']
+  texts = sample.sample_texts(model, variables, tokenizer, prompts, num_tokens=20,
+                              temperature=0.5, top_k=10, top_p=0.9, seed=0)
+  for prompt, text in zip(prompts, texts):  # Bytes: a token per character; eos may end it early.
+    assert text.startswith(prompt) and len(prompt) < len(text) <= len(prompt) + 20
+  assert texts[0] != texts[2]  # The same prompt, sample 0 and sample 2 of the seed.
+  greedy = sample.sample_texts(model, variables, tokenizer, prompts[:2], num_tokens=20)
+  assert greedy == sample.sample_texts(model, variables, tokenizer, prompts[:2], num_tokens=20,
+                                       seed=1)
+
+
+def test_a_sample_that_cannot_fit_fails_before_training(tmp_path):
+  config = tiny_config(tmp_path, **{'sample.prompt': 'line', 'sample.num_tokens': 29})
+  with pytest.raises(ValueError, match=r"config.sample.prompt='line' with config.sample."
+                     r'num_tokens=29: max_new_tokens=29 overflows the cache: after a prompt of 5 '
+                     r'tokens the model has positions for 28 more \(max_seq_len=32\)'):
+    train.train_and_evaluate(config, str(tmp_path / 'workdir'))
+  assert not list((tmp_path / 'workdir' / 'checkpoints').iterdir())  # No step was taken.
+  assert not (tmp_path / 'workdir' / 'metrics.jsonl').exists()
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'sample.num_tokens': 33}, r'config.sample.num_tokens=33: must be in \[0, '
+     r'config.model.max_seq_len=32\]'),
+    ({'sample.num_tokens': -1}, r'config.sample.num_tokens=-1'),
+    ({'sample.top_p': 0.0}, r'config.sample.top_p=0.0: must be in \(0, 1\]'),
+    ({'sample.temperature': -0.5}, r'config.sample.temperature=-0.5: must be >= 0'),
+    ({'sample.min_p': -0.1}, r'config.sample.min_p=-0.1'),
+    ({'sample.top_k': -1}, r'config.sample.top_k=-1'),
+])
+def test_sample_settings_are_validated(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(tiny_config(**overrides))
 
 
 def test_load_names_a_missing_workdir_or_step(trained, tmp_path):
