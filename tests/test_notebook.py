@@ -13,10 +13,13 @@ import nbclient
 import nbformat
 import pytest
 
+from tests.conftest import TEXT
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / 'notebooks' / 'quickstart.ipynb'
 HF_NOTEBOOK = REPO / 'notebooks' / 'hf_finetune.ipynb'
 LORA_NOTEBOOK = REPO / 'notebooks' / 'lora_finetune.ipynb'
+ABLATIONS_NOTEBOOK = REPO / 'notebooks' / 'ablations.ipynb'
 
 OVERRIDES = """\
 config.total_steps = 30
@@ -53,7 +56,8 @@ def _kernel_env(tmp_path):
   return env
 
 
-@pytest.mark.parametrize('path', [NOTEBOOK, HF_NOTEBOOK, LORA_NOTEBOOK], ids=lambda path: path.stem)
+@pytest.mark.parametrize('path', [NOTEBOOK, HF_NOTEBOOK, LORA_NOTEBOOK, ABLATIONS_NOTEBOOK],
+                         ids=lambda path: path.stem)
 def test_notebook_is_stored_without_outputs(path):
   nb = nbformat.read(path, as_version=4)
   nbformat.validate(nb)
@@ -106,6 +110,35 @@ def test_hf_finetune_runs(tmp_path):
                       for out in cell.outputs if out.output_type == 'stream')
   assert 'max |lepton - transformers| logits' in printed  # The notebook asserts both bounds.
   assert 'changed by fine-tuning' in printed and "'model.safetensors'" in printed
+
+
+def test_ablations_runs(tmp_path):
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_text(TEXT)
+  nb = nbformat.read(ABLATIONS_NOTEBOOK, as_version=4)
+  (params,) = _cells_with_tag(nb, 'parameters')
+  tiny = ['--config.data.source=text', f'--config.data.path={corpus}',
+          '--config.data.tokenizer=bytes', '--config.total_steps=4', '--config.eval_every_steps=2',
+          '--config.checkpoint_every_steps=4', '--config.eval_batches=1', '--config.batch_size=8',
+          '--config.seq_len=32', '--config.model.max_seq_len=32', '--config.model.d_model=32',
+          '--config.model.num_layers=1', '--config.model.num_heads=2',
+          '--config.model.num_kv_heads=1', '--config.model.head_dim=16', '--config.model.d_ff=64']
+  nb.cells.insert(params + 1, nbformat.v4.new_code_cell(
+      f'SEEDS = 1\nOVERRIDES = {tiny!r}', metadata={'tags': ['injected-parameters']}))
+
+  nbclient.NotebookClient(nb, kernel_name='python3', timeout=600,
+                          resources={'metadata': {'path': str(REPO)}}).execute(
+                              env=_kernel_env(tmp_path))
+
+  code = [cell for cell in nb.cells if cell.cell_type == 'code']
+  (run_cell,) = [cell for cell in code if 'scripts/ablate.py' in cell.source]
+  progress = ''.join(out.get('text', '') for out in run_cell.outputs).splitlines()
+  assert len(progress) == 4 and all(': ok in' in line for line in progress)
+  (table_cell,) = [cell for cell in code if 'table.md' in cell.source]
+  (table,) = [out['data']['text/markdown'] for out in table_cell.outputs]
+  assert table.startswith('| mlp | norm | eval/bits_per_byte |') and table.count('1 ok') == 4
+  (plot_cell,) = [cell for cell in code if 'curves.png' in cell.source]
+  assert sum('image/png' in out.get('data', {}) for out in plot_cell.outputs) == 2
 
 
 LORA_OVERRIDES = """\

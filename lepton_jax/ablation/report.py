@@ -1,0 +1,140 @@
+"""A sweep's results as WORKDIR/results.jsonl, table.md and two plots (matplotlib).
+
+table.md has a row per cell: its labels, the metric's mean +- standard deviation over the seeds
+that finished, its difference to the cell with each axis's first label instead (the baseline;
+with seeds, the difference of the means), parameters and median training tokens/s. Runs that
+failed are counted in the row and listed below the table with their error; cells not run yet
+(another --shard's) are marked pending. curves.png draws each cell's validation curve (the mean
+over its seeds); final.png each cell's final metric with the seeds' standard deviation.
+"""
+import io
+import json
+import statistics
+
+from etils import epath
+import numpy as np
+
+from lepton_jax import paths
+from lepton_jax.ablation import grid
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+  return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarize(cells: list[grid.Cell], results: dict[str, dict], metric: str) -> list[dict]:
+  """One row per cell group, in grid order: labels, values over seeds, runs ok/failed/pending."""
+  rows = {}
+  for cell in cells:
+    row = rows.setdefault(cell.group, {'labels': dict(cell.labels), 'values': [], 'ok': 0,
+                                       'failed': 0, 'pending': 0, 'params': None, 'speeds': []})
+    result = results.get(cell.name)
+    if result is None:
+      row['pending'] += 1
+      continue
+    row['params'] = row['params'] or result.get('params')
+    if result['status'] != 'ok':
+      row['failed'] += 1
+      continue
+    row['ok'] += 1
+    if metric in result['final']:
+      row['values'].append(result['final'][metric])
+    if result.get('tokens_per_sec'):
+      row['speeds'].append(result['tokens_per_sec'])
+  return list(rows.values())
+
+
+def _baseline(row: dict, axis: str, first: str, rows: list[dict]) -> dict | None:
+  wanted = dict(row['labels'], **{axis: first})
+  return next((r for r in rows if r['labels'] == wanted), None)
+
+
+def table(axes: grid.Axes, rows: list[dict], results: dict[str, dict], metric: str) -> str:
+  axis_names = list(axes)
+  firsts = {axis: next(iter(labels)) for axis, labels in axes.items()}
+  header = [*axis_names, metric, *(f'Δ vs {axis}={firsts[axis]}' for axis in axis_names),
+            'params', 'tokens/s', 'runs']
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for row in rows:
+    mean, std = _mean_std(row['values']) if row['values'] else (None, None)
+    value = '—' if mean is None else f'{mean:.4f}' + (f' ± {std:.4f}' if std is not None else '')
+    deltas = []
+    for axis in axis_names:
+      base = _baseline(row, axis, firsts[axis], rows)
+      if row['labels'][axis] == firsts[axis]:
+        deltas.append('(baseline)')
+      elif mean is None or base is None or not base['values']:
+        deltas.append('—')
+      else:
+        deltas.append(f'{mean - statistics.mean(base["values"]):+.4f}')
+    runs = f"{row['ok']} ok" + ''.join(f", {row[k]} {k}" for k in ('failed', 'pending') if row[k])
+    speed = f"{statistics.median(row['speeds']):,.0f}" if row['speeds'] else '—'
+    params = f"{row['params']:,}" if row['params'] else '—'
+    lines.append('| ' + ' | '.join([*(row['labels'][a] for a in axis_names), value, *deltas,
+                                    params, speed, runs]) + ' |')
+  failures = [r for r in results.values() if r['status'] != 'ok']
+  if failures:
+    lines += ['', 'Failed runs:', '']
+    lines += [f"- `{r['name']}`: {r.get('error', '')}" for r in failures]
+  return '\n'.join(lines) + '\n'
+
+
+def _save(figure, path: epath.Path) -> None:
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format='png', dpi=120, bbox_inches='tight')
+  paths.write_atomically(path, buffer.getvalue())
+
+
+def plot_curves(cells: list[grid.Cell], results: dict[str, dict], metric: str,
+                path: epath.Path) -> None:
+  """Each cell's `metric` against step, averaged over the seeds that logged each step."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  figure, ax = plt.subplots(figsize=(7, 4.5))
+  groups = {}
+  for cell in cells:
+    curve = results.get(cell.name, {}).get('curves', {}).get(metric)
+    if curve:
+      groups.setdefault(cell.group or 'baseline', []).append(dict(curve))
+  for group, curves in groups.items():
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    ax.plot(steps, [np.mean([c[s] for c in curves]) for s in steps], marker='.', label=group)
+  ax.set_xlabel('step')
+  ax.set_ylabel(metric)
+  ax.legend(fontsize='small')
+  ax.grid(alpha=0.3)
+  _save(figure, path)
+  plt.close(figure)
+
+
+def plot_final(rows: list[dict], metric: str, path: epath.Path) -> None:
+  """Each cell's final `metric`: the mean over seeds, with their standard deviation."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  measured = [r for r in rows if r['values']]
+  figure, ax = plt.subplots(figsize=(max(4, 0.9 * len(measured) + 2), 4.5))
+  stats = [_mean_std(r['values']) for r in measured]
+  ax.errorbar(range(len(measured)), [m for m, _ in stats], yerr=[s or 0 for _, s in stats],
+              fmt='o', capsize=4)
+  ax.set_xticks(range(len(measured)),
+                [','.join(r['labels'].values()) or 'baseline' for r in measured],
+                rotation=30, ha='right')
+  ax.set_ylabel(f'final {metric}')
+  ax.grid(alpha=0.3)
+  _save(figure, path)
+  plt.close(figure)
+
+
+def write(workdir: epath.Path, axes: grid.Axes, cells: list[grid.Cell],
+          results: dict[str, dict], metric: str) -> str:
+  """Writes results.jsonl, table.md, curves.png and final.png; returns the table."""
+  lines = [json.dumps(results[c.name]) for c in cells if c.name in results]
+  paths.write_atomically(workdir / 'results.jsonl', ''.join(l + '\n' for l in lines).encode())
+  rows = summarize(cells, results, metric)
+  markdown = table(axes, rows, results, metric)
+  paths.write_atomically(workdir / 'table.md', markdown.encode())
+  plot_curves(cells, results, metric, workdir / 'curves.png')
+  plot_final(rows, metric, workdir / 'final.png')
+  return markdown
