@@ -23,14 +23,19 @@ import ml_collections
 from lepton_jax import cli, config_lib, evals, sample, sharding
 from lepton_jax.evals import cost
 
-flags.DEFINE_string('hf_dir', None, 'Evaluate this Hugging Face model directory instead of a '
-                    '--workdir run.')
-flags.DEFINE_integer('step', None, 'Checkpoint step of the --workdir run (default: the latest).')
-flags.DEFINE_list('tasks', [], 'Task files besides config.evals, each TYPE:PATH (name: the file '
-                  "name's stem) or humaneval; TYPE is one of " + ', '.join(
-                      t for t in evals.TYPES if t not in ('lm', 'humaneval')) + '.')
-flags.DEFINE_string('out', None, 'Also write the results to this JSON file.')
-flags.DEFINE_bool('cost', True, 'Measure parameters, forward tokens/s and compiled memory.')
+TASK_TYPES = tuple(t for t in evals.TYPES if t not in ('lm', 'humaneval'))  # Those with a file.
+
+
+def define_flags() -> None:
+  """lepton-eval's own flags, besides cli's (defined when it runs, never on import)."""
+  flags.DEFINE_string('hf_dir', None, 'Evaluate this Hugging Face model directory instead of a '
+                      '--workdir run.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step of the --workdir run (default: the '
+                       'latest).')
+  flags.DEFINE_list('tasks', [], 'Task files besides config.evals, each TYPE:PATH (name: the '
+                    "file name's stem) or humaneval; TYPE is one of " + ', '.join(TASK_TYPES) + '.')
+  flags.DEFINE_string('out', None, 'Also write the results to this JSON file.')
+  flags.DEFINE_bool('cost', True, 'Measure parameters, forward tokens/s and compiled memory.')
 
 
 def load(config: ml_collections.ConfigDict, workdir: str | None = None,
@@ -50,10 +55,9 @@ def task_specs(tasks: list[str]) -> dict[str, dict]:
   specs = {}
   for task in tasks:
     kind, _, path = task.partition(':')
-    if kind not in evals.TYPES or kind == 'lm' or (kind == 'humaneval') == bool(path):
+    if not (kind in TASK_TYPES and path or kind == 'humaneval' and not path):
       raise ValueError(f'--tasks entry {task!r}: expected TYPE:PATH with TYPE one of '
-                       f"{tuple(t for t in evals.TYPES if t not in ('lm', 'humaneval'))}, "
-                       'or humaneval')
+                       f'{TASK_TYPES}, or humaneval')
     name = epath.Path(path).stem if path else kind
     if name in specs:
       raise ValueError(f'--tasks: two tasks are named {name!r}; rename one of the files')
@@ -106,6 +110,7 @@ def main(argv):
 def run():
   """Console-script entry point (`lepton-eval`)."""
   cli.define_flags()
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)
 
 

@@ -306,3 +306,28 @@ def test_lepton_eval_errors_are_one_line(trained, tmp_path, args, message):
   assert result.returncode == 1
   last = result.stderr.strip().splitlines()[-1]
   assert re.fullmatch(message + '.*', last), result.stderr
+
+
+def test_a_hugging_face_model_scores_as_transformers(tmp_path):
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  from tests.conftest import save_tiny_hf_llama  # pylint: disable=g-import-not-at-top
+  hf_dir = tmp_path / 'hf'
+  save_tiny_hf_llama(hf_dir)
+  text = 'line 7: the quick brown fox jumps over the lazy dog 0.\n'
+  path = write_jsonl(tmp_path / 'ppl.jsonl', [{'text': text}])
+  config = tiny_config(tmp_path)
+  model, variables, tokenizer = evaluate.load(config, hf_dir=str(hf_dir))
+  metrics = evaluate.evaluate(config, model, variables, tokenizer,
+                              {'ppl': {'type': 'perplexity', 'path': path}}, measure_cost=False)
+
+  ids = [tokenizer.bos_id] + tokenizer.encode(text)  # A document starts after bos.
+  assert len(ids) <= 32  # One window: the whole text after bos.
+  reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+  with torch.no_grad():
+    logits = reference(torch.tensor([ids])).logits[0, :-1].double()
+  nats = -logits.log_softmax(-1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum().item()
+  assert metrics['eval/ppl/loss'] == pytest.approx(nats / (len(ids) - 1), rel=1e-4)
+  assert metrics['eval/ppl/bits_per_byte'] == pytest.approx(nats / math.log(2) / len(text),
+                                                            rel=1e-4)
+  assert np.isfinite(metrics['eval/bits_per_byte'])

@@ -28,7 +28,9 @@ import dataclasses
 import jax
 import ml_collections
 
+from lepton_jax import data
 from lepton_jax.evals import generation, language_model, scoring, tasks
+from lepton_jax.model import Transformer
 
 Metrics = dict[str, float]
 
@@ -37,8 +39,8 @@ Metrics = dict[str, float]
 class Context:
   """What every evaluator is built from."""
   config: ml_collections.ConfigDict
-  model: object  # lepton_jax.model.Transformer
-  tokenizer: object  # lepton_jax.data.Tokenizer
+  model: Transformer
+  tokenizer: data.Tokenizer
   mesh: jax.sharding.Mesh
   rules: tuple
 
@@ -46,12 +48,12 @@ class Context:
     return scoring.Scorer(self.model, self.mesh, self.rules,
                           spec.get('batch_size', self.config.batch_size))
 
-  def completer(self, spec: dict, max_new_tokens: int) -> generation.Completer:
-    """The default max_new_tokens is capped at half the model's window."""
-    max_new_tokens = min(max_new_tokens, self.model.cfg.max_seq_len // 2)
+  def completer(self, spec: dict, default_max_new_tokens: int) -> generation.Completer:
+    """The default is capped at half the model's window, to leave room for the prompt."""
+    default_max_new_tokens = min(default_max_new_tokens, self.model.cfg.max_seq_len // 2)
     return generation.Completer(self.model, self.tokenizer,
                                 spec.get('batch_size', self.config.batch_size),
-                                spec.get('max_new_tokens', max_new_tokens),
+                                spec.get('max_new_tokens', default_max_new_tokens),
                                 spec.get('until', ('\n',)))
 
 
@@ -70,7 +72,7 @@ def _scored_task(kind: str, score):
 
 def _generation(spec: dict, ctx: Context) -> Callable[[dict], Metrics]:
   records = tasks.read_records(spec['path'], 'generation', spec.get('limit', 0))
-  completer = ctx.completer(spec, max_new_tokens=32)
+  completer = ctx.completer(spec, default_max_new_tokens=32)
   return lambda variables: tasks.exact_match(completer, variables, records)
 
 
@@ -78,7 +80,7 @@ def _humaneval(spec: dict, ctx: Context) -> Callable[[dict], Metrics]:
   problems = tasks.humaneval_problems(spec.get('limit', 0))
   solutions = [{'context': p['prompt'], 'continuation': p['canonical_solution']} for p in problems]
   first_lines = [tasks.first_line_record(p) for p in problems]
-  scorer, completer = ctx.scorer(spec), ctx.completer(spec, max_new_tokens=64)
+  scorer, completer = ctx.scorer(spec), ctx.completer(spec, default_max_new_tokens=64)
 
   def evaluate(variables) -> Metrics:
     solved = tasks.cloze(scorer, ctx.tokenizer, variables, solutions)

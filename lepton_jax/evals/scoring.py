@@ -92,7 +92,8 @@ class Scorer:
       results[owner] = (results[owner][0] + logprob, results[owner][1] and greedy)
     return results
 
-  def _score_rows(self, variables, rows: Sequence[tuple[list[int], int]]) -> list[tuple[float, bool]]:
+  def _score_rows(self, variables,
+                  rows: Sequence[tuple[list[int], int]]) -> list[tuple[float, bool]]:
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # Similar lengths together.
     results = [None] * len(rows)
     for first in range(0, len(order), self.batch_size):

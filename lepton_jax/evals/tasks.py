@@ -126,7 +126,8 @@ def multiple_choice(scorer: scoring.Scorer, tokenizer, variables,
   return {'acc': float(np.mean(correct)), 'acc_norm': float(np.mean(correct_norm))}
 
 
-def cloze(scorer: scoring.Scorer, tokenizer, variables, records: Sequence[dict]) -> dict[str, float]:
+def cloze(scorer: scoring.Scorer, tokenizer, variables,
+          records: Sequence[dict]) -> dict[str, float]:
   requests = [scoring.encode_pair(tokenizer, r['context'], r['continuation']) for r in records]
   scores = scorer.loglikelihoods(variables, requests)
   nats = -sum(logprob for logprob, _ in scores)
