@@ -99,6 +99,18 @@ def test_scorer_equals_plain_forward_passes(tiny):
     assert not greedy  # Random tokens are never all a random model's argmax.
 
 
+def test_requests_of_many_lengths_compile_a_few_shapes(tiny):
+  config, model, variables, mesh = tiny
+  rng = np.random.default_rng(2)
+  requests = [([BYTES.eos_id], list(rng.integers(0, 256, n))) for n in range(1, 60)]
+  scorer = scoring.Scorer(model, mesh, config.mesh.rules, batch_size=8)
+  compiled = scoring._row_scores._cache_size()  # pylint: disable=protected-access
+  with sharding.use_mesh(mesh, config.mesh.rules):
+    scorer.loglikelihoods(variables, requests)
+  # 59 lengths, windows of up to 32 inputs: rows padded to 16 or 32, 8 rows a call.
+  assert scoring._row_scores._cache_size() - compiled <= 2  # pylint: disable=protected-access
+
+
 def test_long_continuations_are_scored_in_windows(tiny):
   """A continuation longer than the window: every token once, each window after the token
   before it, the last one after as many as fit (lm-eval's rolling windows)."""
