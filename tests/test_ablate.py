@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lepton_jax import config_lib
-from lepton_jax.ablation import grid, report
+from lepton_jax.ablation import grid, report, runner
 from tests.conftest import tiny_config
 
 REPO = pathlib.Path(__file__).parent.parent
@@ -144,3 +144,11 @@ def test_published_sweep_files_expand_to_valid_runs(name):
   if name == 'gated_mlp':  # Equal MLP parameters: 3 x gated d_ff == 2 x ungated d_ff.
     widths = {c.overrides['model.mlp']: c.overrides['model.d_ff'] for c in cells}
     assert 3 * widths['swiglu'] == 3 * widths['geglu'] == 2 * widths['gelu'] == 2 * widths['relu']
+
+
+def test_runs_from_trained_weights_keep_their_sources_tokenizer(tmp_path):
+  config = tiny_config(**{'data.tokenizer': 'sentencepiece', 'data.source': 'stdlib'})
+  cells = grid.cells({'lr': {'a': {'optimizer.learning_rate': 1e-3}}}, config, 1)
+  config.init_from = 'workdir:/some/base'
+  assert runner.shared_tokenizer(config, cells, str(tmp_path)) == {}
+  assert not (tmp_path / 'tokenizer').exists()  # Nothing trained: the base's tokenizer is used.

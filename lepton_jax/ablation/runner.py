@@ -38,9 +38,11 @@ def command(config_spec: str, workdir: str, overrides: dict, extra_flags=()) -> 
 def shared_tokenizer(config: ml_collections.ConfigDict, cells: list[grid.Cell],
                      workdir: str) -> dict:
   """Overrides that give every run one SentencePiece model, trained once into WORKDIR: cells then
-  compare models, not vocabularies (unless the sweep varies the data itself)."""
+  compare models, not vocabularies (unless the sweep varies the data itself). Runs that start
+  from trained weights (config.init_from) already share their source's tokenizer."""
   varies_data = any(key.startswith('data.') for cell in cells for key in cell.overrides)
-  if config.data.tokenizer != 'sentencepiece' or config.data.tokenizer_path or varies_data:
+  if (config.data.tokenizer != 'sentencepiece' or config.data.tokenizer_path or varies_data or
+      config.init_from):
     return {}
   return {'data.tokenizer_path': data.build_tokenizer(config.data, workdir).path}
 
