@@ -1,4 +1,5 @@
-"""Model FLOPs utilisation (MFU): FLOPs per training token, and the peak FLOP/s of a device.
+"""Model FLOPs utilisation (MFU): FLOPs per training token, and the peak FLOP/s of a device; and
+for decoding, which is bound by memory rather than FLOPs, the memory bandwidth of a device.
 
 MFU = achieved model FLOP/s / peak FLOP/s. "Model" FLOPs are the matmuls the architecture needs,
 written out from the model's `ModelConfig` (PaLM, appendix B), not what the compiler happens to
@@ -198,3 +199,67 @@ def mfu(tokens_per_sec_per_device: float, flops_per_token: float, peak: float | 
   if peak is None:
     return None
   return tokens_per_sec_per_device * flops_per_token / peak
+
+
+# HBM bandwidth per JAX device, bytes/s, for decoding (a step reads every weight and the KV cache).
+# Keys are `device_kind` prefixes, the longest match wins, as for PEAK_FLOPS_BY_DEVICE_KIND.
+# Sources: Google Cloud TPU docs (per chip; v3 and Ironwood chips are two devices), NVIDIA
+# datasheets.
+MEMORY_BANDWIDTH_BY_DEVICE_KIND = {
+    'TPU v3': 900e9 / 2,
+    'TPU v4': 1200e9,
+    'TPU v5 lite': 819e9,  # v5e
+    'TPU v5e': 819e9,
+    'TPU v5': 2765e9,  # v5p
+    'TPU v5p': 2765e9,
+    'TPU v6 lite': 1640e9,  # v6e (Trillium)
+    'TPU v6e': 1640e9,
+    'TPU7x': 7370e9 / 2,
+    'Tesla T4': 320e9,
+    'NVIDIA L4': 300e9,
+    'NVIDIA A10G': 600e9,
+    'NVIDIA A100': 1555e9,  # 40 GB, SXM4 and PCIe.
+    'NVIDIA A100-SXM4-80GB': 2039e9,
+    'NVIDIA A100 80GB PCIe': 1935e9,
+    'NVIDIA H100': 3350e9,  # SXM
+    'NVIDIA H100 PCIe': 2000e9,
+    'NVIDIA H100 NVL': 3900e9,
+    'NVIDIA GH200': 4000e9,
+    'NVIDIA H200': 4800e9,
+    'NVIDIA B200': 8000e9,
+}
+
+
+def device_memory_bandwidth(device) -> float | None:
+  """HBM bytes/s of `device`; None if the device is not in the table."""
+  matches = [kind for kind in MEMORY_BANDWIDTH_BY_DEVICE_KIND
+             if device.device_kind.startswith(kind)]
+  return MEMORY_BANDWIDTH_BY_DEVICE_KIND[max(matches, key=len)] if matches else None
+
+
+@functools.cache
+def measured_cpu_read_bandwidth(num_bytes: int, repeats: int = 5) -> float:
+  """Best observed bytes/s at which a jitted f32 matrix-vector product streams a matrix of
+  `num_bytes` on the CPU backend, all cores: the most a batch-1 decode step reading that many
+  bytes can reach here. Sized as the step is, because caches hold a small model but not a large
+  one."""
+  columns = 4096
+  matrix_NK = jnp.ones((max(num_bytes // (4 * columns), 1), columns), jnp.float32)
+  gemv = jax.jit(lambda m, v: m @ v)
+  vector_K = jnp.ones((columns,), jnp.float32)
+  gemv(matrix_NK, vector_K).block_until_ready()
+  best_seconds = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    gemv(matrix_NK, vector_K).block_until_ready()
+    best_seconds = min(best_seconds, time.perf_counter() - start)
+  return matrix_NK.nbytes / best_seconds
+
+
+def memory_bandwidth_per_device(num_bytes: int) -> float | None:
+  """Memory bytes/s of this process's first device: the table on accelerators; on CPU, measured
+  streaming `num_bytes` (the bytes a decode step reads) and shared among the host's devices."""
+  device = jax.devices()[0]
+  if device.platform == 'cpu':
+    return measured_cpu_read_bandwidth(num_bytes) / jax.local_device_count()
+  return device_memory_bandwidth(device)

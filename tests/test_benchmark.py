@@ -39,3 +39,22 @@ def test_data_benchmark_reports_tokens_per_second(tmp_path, streaming):
   assert (report['local_batch_size'], report['seq_len']) == (6, 64)  # Half of 12 x 64.
   assert report['tokens_per_sec'] == pytest.approx(
       report['batches_per_sec'] * 6 * 64, rel=1e-2)
+
+
+def test_decode_benchmark_reports_rates_bandwidth_and_transformers():
+  pytest.importorskip('transformers')
+  result = subprocess.run(
+      [sys.executable, 'scripts/benchmark_decode.py', *TINY, '--cpu_devices=2', '--batch=2',
+       '--prompt_len=8', '--new_tokens=5', '--rounds=2', '--compare=transformers'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  *rounds, summary = [json.loads(line) for line in result.stdout.strip().splitlines()]
+  assert [r['round'] for r in rounds] == [0, 1] and summary['num_devices'] == 2
+  for r in rounds:  # 2 rows, 4 decode steps after the prefill.
+    for impl in ('lepton_jax', 'transformers'):
+      assert r[impl]['decode_tokens_per_sec'] == pytest.approx(
+          2 / (r[impl]['ms_per_decode_step'] / 1000), rel=1e-2)
+  assert summary['same_greedy_tokens'] and summary['speedup'] > 0
+  assert 0 < summary['bandwidth_utilisation'] == pytest.approx(
+      summary['decode_bytes_per_sec_per_device'] / summary['memory_bandwidth_per_device'],
+      rel=1e-2)

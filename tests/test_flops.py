@@ -165,6 +165,15 @@ def test_unsupported_dtype_raises():
     flops.device_peak_flops(types.SimpleNamespace(device_kind='TPU v4'), 'int8')
 
 
+@pytest.mark.parametrize('device_kind, expected', [
+    ('TPU v5 lite', 819e9), ('TPU v5', 2765e9), ('NVIDIA H100 80GB HBM3', 3350e9),
+    ('NVIDIA H100 PCIe', 2000e9), ('NVIDIA A100-SXM4-80GB', 2039e9), ('NVIDIA A100-SXM4-40GB', 1555e9),
+    ('Tesla T4', 320e9), ('Some Future Chip', None)])
+def test_memory_bandwidth_by_device_kind(device_kind, expected):
+  device = types.SimpleNamespace(device_kind=device_kind)
+  assert flops.device_memory_bandwidth(device) == expected
+
+
 def test_cpu_peak_is_measured_once():
   if jax.devices()[0].platform != 'cpu':
     pytest.skip('CPU backend only')
