@@ -239,14 +239,17 @@ def device_memory_bandwidth(device) -> float | None:
 
 @functools.cache
 def measured_cpu_read_bandwidth(num_bytes: int, repeats: int = 5) -> float:
-  """Best observed bytes/s at which a jitted f32 matrix-vector product streams a matrix of
-  `num_bytes` on the CPU backend, all cores: the most a batch-1 decode step reading that many
-  bytes can reach here. Sized as the step is, because caches hold a small model but not a large
-  one."""
-  columns = 4096
-  matrix_NK = jnp.ones((max(num_bytes // (4 * columns), 1), columns), jnp.float32)
-  gemv = jax.jit(lambda m, v: m @ v)
+  """Best observed bytes/s at which jitted f32 matrix-vector products stream a matrix of
+  `num_bytes` on the CPU backend, its rows split over every local device as a decode step's
+  weights may be: the most a batch-1 step reading that many bytes can reach here. Sized as the
+  step is, because caches hold a small model but not a large one."""
+  devices, columns = jax.local_devices(), 4096
+  rows = max(num_bytes // (4 * columns) // len(devices), 1) * len(devices)
+  split = jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ('rows',)),
+                                     jax.sharding.PartitionSpec('rows'))
+  matrix_NK = jax.jit(lambda: jnp.ones((rows, columns), jnp.float32), out_shardings=split)()
   vector_K = jnp.ones((columns,), jnp.float32)
+  gemv = jax.jit(lambda m, v: m @ v)
   gemv(matrix_NK, vector_K).block_until_ready()
   best_seconds = float('inf')
   for _ in range(repeats):
@@ -258,7 +261,8 @@ def measured_cpu_read_bandwidth(num_bytes: int, repeats: int = 5) -> float:
 
 def memory_bandwidth_per_device(num_bytes: int) -> float | None:
   """Memory bytes/s of this process's first device: the table on accelerators; on CPU, measured
-  streaming `num_bytes` (the bytes a decode step reads) and shared among the host's devices."""
+  streaming `num_bytes` (what a decode step reads, all devices together: they share the host's
+  memory) and divided among the host's devices."""
   device = jax.devices()[0]
   if device.platform == 'cpu':
     return measured_cpu_read_bandwidth(num_bytes) / jax.local_device_count()

@@ -141,7 +141,7 @@ def main(argv):
     other = FLAGS.compare and Transformers(model, variables, tokens_BT,
                                            FLAGS.new_tokens)
     bytes_per_step = step_bytes(cfg, variables, lepton.cache)
-    bandwidth = flops.memory_bandwidth_per_device(bytes_per_step // jax.device_count())
+    bandwidth = flops.memory_bandwidth_per_device(bytes_per_step)
     rounds = []
     for index in range(FLAGS.rounds):
       round_ = {'round': index, 'lepton_jax': rates(*lepton.run()[:2])}
