@@ -12,12 +12,13 @@ jitted `prefill` and `decode_loop`, compiled before timing; one JSON line per ro
 medians. A decode step reads every weight (the embedding and position tables only a row per
 token, unless the embedding is tied and so also the head) and the whole KV cache; those bytes per
 step time are set against the device's memory bandwidth (lepton_jax.flops: vendor figures for TPUs
-and GPUs; on CPU the rate at which XLA streams that many bytes through a matrix-vector product).
+and GPUs; on CPU the rate at which XLA streams that many bytes through matrix-vector products).
 
 --compare=transformers (torch eager on CPU; the `hf` extra): lepton's random weights are written
 with hf.save and loaded by AutoModelForCausalLM, the same prompts are decoded greedily, and its
-prefill and decode times are read off a stopping criterion that notes when each token is drawn. Each round times lepton_jax, then
-transformers, so both see the same machine; `speedup` is the median of the rounds' ratios.
+prefill and decode times are read off a stopping criterion that notes when each token is drawn.
+Each round times lepton_jax, then transformers, so both see the same machine; `speedup` is the
+median of the rounds' ratios. On a shared CPU, torch eager collapses under load: quote quiet runs.
 """
 import json
 import statistics
