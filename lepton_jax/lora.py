@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from lepton_jax import tree
 from lepton_jax.model import ModelConfig, Transformer
-from lepton_jax.model.config import LORA_TARGETS, LoraConfig
+from lepton_jax.model.config import LoraConfig
 
 ADAPTER_PARAMS = ('lora_a', 'lora_b', 'lora_magnitude')
 # The adapter leaves; also config.trainable when LoRA is on and trainable is left at its default.
@@ -38,17 +38,12 @@ def check_targets(lora: LoraConfig, params: dict, tie_embeddings: bool) -> None:
     return
   modules = sorted({name.rsplit('/', 1)[0] for name in tree.names(params)
                     if name.endswith('/kernel')})
-  for target, pattern in zip(_expanded(lora.targets), lora.patterns()):
+  for target, pattern in zip(lora.expanded_targets(), lora.patterns()):
     if not any(re.fullmatch(pattern, module) for module in modules):
       hint = (' (the output head is tied to the embedding table, which carries no adapter)'
               if tie_embeddings and 'head' in target else '')
       raise ValueError(f'config.lora.targets: {target!r} matches no Dense layer{hint}; the model '
                        f'has {modules[:8]}{" ..." if len(modules) > 8 else ""}')
-
-
-def _expanded(targets: tuple[str, ...]) -> list[str]:
-  names = list(LORA_TARGETS) if 'all-linear' in targets else list(targets)
-  return [name for name in names if name != 'all-linear']
 
 
 def adapter_of(params: dict) -> dict:

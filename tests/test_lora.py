@@ -238,3 +238,8 @@ def test_an_adapter_set_switches_by_name_and_refuses_another_layout():
   other = init(tiny_model(targets=('q', 'v'), rank=2))
   with pytest.raises(ValueError, match="adapter 'r2' has other targets or rank than 'a1'"):
     adapters.add('r2', lora.adapter_of(other['params']))
+
+
+def test_all_linear_with_more_targets_adapts_them_too():
+  names = tree.names(init(tiny_model(targets=('all-linear', 'head'))))
+  assert 'params/head/lora_a' in names and 'params/layers_1/mlp/down/lora_b' in names

@@ -13,6 +13,7 @@ import os
 import shutil
 
 from etils import epath
+from flax import traverse_util
 import flax.linen as nn
 import jax
 
@@ -128,18 +129,12 @@ def load_variables(path: str, model: Transformer, mesh=None, rules=config_lib.DE
                                        cfg.param_dtype)
             for p, shape, shard in zip(params, jax.tree.leaves(abstract),
                                        jax.tree.leaves(shardings))}
-  return {'params': _unflatten(leaves)}
+  return {'params': traverse_util.unflatten_dict(leaves, sep='/')}
 
 
-def _unflatten(leaves: dict) -> dict:
-  result = {}
-  for name, leaf in leaves.items():
-    *parents, last = name.split('/')
-    node = result
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[last] = leaf
-  return result
+def _check_new_directory(target: epath.Path) -> None:
+  if target.exists() and any(target.iterdir()):
+    raise FileExistsError(f'{target} exists and is not empty; give a new directory')
 
 
 def family_of(cfg: ModelConfig) -> tuple[family.Family, dict]:
@@ -170,8 +165,7 @@ def save(model: Transformer, variables: dict, path: str, tokenizer=None, *,
                      'first, or hf.save_adapter(model, variables, path) for the adapters alone')
   hf_family, hf_config = family_of(cfg)
   target = epath.Path(path)
-  if target.exists() and any(target.iterdir()):
-    raise FileExistsError(f'{target} exists and is not empty; give a new directory')
+  _check_new_directory(target)
   params = variables['params']
   values = tensors.leaves_by_name(params)
   plan = tensors.plan_params(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
@@ -208,8 +202,7 @@ def save_adapter(model: Transformer, variables: dict, path: str) -> None:
     raise ValueError('hf.save_adapter: the model has no LoRA adapters (config.lora.targets)')
   hf_family, _ = family_of(dataclasses.replace(cfg, lora=LoraConfig()))
   target = epath.Path(path)
-  if target.exists() and any(target.iterdir()):
-    raise FileExistsError(f'{target} exists and is not empty; give a new directory')
+  _check_new_directory(target)
   adapter = lora.adapter_of(variables['params'])
   adapted = sorted({name.rsplit('/', 1)[0] for name in tree.names(adapter)})
   plan = tensors.plan_params(

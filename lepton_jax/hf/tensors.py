@@ -20,6 +20,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from lepton_jax import tree
 from lepton_jax.hf.family import TensorMap
 
 INDEX = 'model.safetensors.index.json'
@@ -51,7 +52,7 @@ def plan_params(abstract_params: dict, logical_axes: dict, tensors: dict[str, Te
   axes = jax.tree.leaves(logical_axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   result = []
   for (path, leaf), names in zip(flat, axes):
-    name = '/'.join(str(key.key) for key in path)
+    name = tree.path_name(path)
     layer, scanned = 0, name.startswith('layers/')
     match = _LAYER.fullmatch(name)
     key = f'layers/{match.group(2)}' if match else name
@@ -230,5 +231,4 @@ def _nbytes(pieces: list, values: dict[str, jax.Array]) -> int:
 
 
 def leaves_by_name(params: dict) -> dict[str, jax.Array]:
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {'/'.join(str(key.key) for key in path): leaf for path, leaf in flat}
+  return dict(zip(tree.names(params), jax.tree.leaves(params)))

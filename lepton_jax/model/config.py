@@ -50,12 +50,16 @@ class LoraConfig:
   def scale(self) -> float:
     return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
 
+  def expanded_targets(self) -> tuple[str, ...]:
+    """`targets` with 'all-linear' spelled out as every shorthand (other targets kept)."""
+    names = (*LORA_TARGETS, *self.targets) if 'all-linear' in self.targets else self.targets
+    return tuple(dict.fromkeys(name for name in names if name != 'all-linear'))
+
   def patterns(self) -> tuple[str, ...]:
-    """Regular expressions over Dense module paths for `targets`."""
-    names = tuple(LORA_TARGETS) if 'all-linear' in self.targets else self.targets
+    """Regular expressions over Dense module paths, one per expanded target."""
     layer = r'layers(_\d+)?/'
-    return tuple(layer + LORA_TARGETS[name] if name in LORA_TARGETS else name for name in names
-                 if name != 'all-linear')
+    return tuple(layer + LORA_TARGETS[name] if name in LORA_TARGETS else name
+                 for name in self.expanded_targets())
 
   @property
   def enabled(self) -> bool:
