@@ -1,6 +1,7 @@
 """Test-process setup: 8 simulated CPU devices and a persistent XLA compilation cache; a fake gs://;
 and the helpers tests share (`tiny_config`, `override`, `read_metrics`, `TEXT`, and for Hugging Face
-tests `save_tiny_hf_llama`, `finetune_config`): tests import them from here, never from each other.
+tests `save_tiny_hf_llama`, `save_tiny_chat_tokenizer`, `finetune_config`): tests import them from
+here, never from each other.
 
 Many tests train the same tiny model; the cache lets every run after the first skip compilation
 (keys include the HLO and the jax version, so a changed model never hits a stale entry).
@@ -92,6 +93,26 @@ def save_tiny_hf_llama(directory, seed: int = 0) -> None:
       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0,
       eos_token_id=1, rope_parameters={'rope_type': 'default', 'rope_theta': 5000.0})
   transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+
+
+CHAT_SPECIAL_TOKENS = ('<|begin_of_text|>', '<|start_header_id|>', '<|end_header_id|>',
+                       '<|eot_id|>', '<|im_start|>', '<|im_end|>')
+
+
+def save_tiny_chat_tokenizer(directory, chat_template: str, eos_token: str = '<|eot_id|>') -> None:
+  """A BPE tokenizer trained on TEXT with Llama-3 and ChatML control tokens, saved as
+  transformers saves one, with `chat_template`. Needs the hf extra."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+  bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  bpe.decoder = tokenizers.decoders.ByteLevel()
+  bpe.train_from_iterator([TEXT], tokenizers.trainers.BpeTrainer(
+      vocab_size=320, special_tokens=list(CHAT_SPECIAL_TOKENS), show_progress=False,
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+  transformers.PreTrainedTokenizerFast(
+      tokenizer_object=bpe, bos_token='<|begin_of_text|>', eos_token=eos_token,
+      chat_template=chat_template).save_pretrained(directory)
 
 
 def finetune_config(hf_dir, tmp_path: pathlib.Path, **overrides):
