@@ -15,7 +15,8 @@ lies after its prompt, where causal attention never looks, so a row computes exa
 alone. Inside `sharding.use_mesh` the cache is split by the model's logical axis rules (batch over
 data and fsdp, kv heads over tensor).
 
-Shape suffixes use the legend in lepton_jax/model/__init__.py (C: new tokens of a row).
+Shape suffixes use the legend in lepton_jax/model/__init__.py (C: new tokens of a row; R: the
+most likely tokens reported beside each drawn one, for a server's logprobs).
 """
 import functools
 from typing import Sequence
@@ -50,6 +51,11 @@ class DecodeState:
   max_new_B: jax.Array  # The most new tokens the row may draw.
   done_B: jax.Array  # Stopped: a stop token drawn or max_new_B reached (a free slot, to a server).
   sampling: Sampling
+  # What a server reports as logprobs: under the model's own distribution (before temperature
+  # and filtering), the log-prob of tokens_B and the R most likely tokens (R: prefill's num_top).
+  logprob_B: jax.Array
+  top_ids_BR: jax.Array
+  top_logprobs_BR: jax.Array
 
 
 def sampling(batch: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -148,6 +154,28 @@ def draw(logits_BV: jax.Array, settings: Sampling, steps_B: jax.Array) -> jax.Ar
   return jnp.where(sampled_B, drawn_B, greedy_B)
 
 
+def token_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array,
+                   num_top: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(log-prob of each token [B, T], the num_top most likely ids [B, T, R] and their log-probs)
+  under the softmax of the logits that predict them."""
+  logprobs_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+  chosen_BT = jnp.take_along_axis(logprobs_BTV, tokens_BT[..., None], axis=-1)[..., 0]
+  if not num_top:
+    empty = jnp.zeros((*tokens_BT.shape, 0))
+    return chosen_BT, empty.astype(jnp.int32), empty
+  top_BTR, ids_BTR = jax.lax.top_k(logprobs_BTV, num_top)
+  return chosen_BT, ids_BTR.astype(jnp.int32), top_BTR
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'num_top'))
+def prompt_logprobs(model: Transformer, variables, tokens_BT: jax.Array,
+                    num_top: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`token_logprobs` of every prompt token after the first, given the tokens before it: [B, T-1]
+  (and [B, T-1, R]); padding after a row's prompt is never seen by the positions before it."""
+  logits_BTV = model.apply(variables, tokens_BT)
+  return token_logprobs(logits_BTV[:, :-1], tokens_BT[:, 1:], num_top)
+
+
 # --- prefill, insert, decode ----------------------------------------------------------------
 
 def stop_array(stop_ids: Sequence[int]) -> np.ndarray:
@@ -163,19 +191,24 @@ def is_stop(tokens_B: jax.Array, stop_ids: jax.Array) -> jax.Array:
   return jnp.any(tokens_B[:, None] == stop_ids[None, :], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'cache_len'))
+@functools.partial(jax.jit, static_argnames=('model', 'cache_len', 'num_top'))
 def prefill(model: Transformer, variables, tokens_BT: jax.Array, lengths_B: jax.Array,
             cache_len: int, settings: Sampling, max_new_B: jax.Array,
-            stop_ids: jax.Array) -> DecodeState:
+            stop_ids: jax.Array, num_top: int = 0) -> DecodeState:
   """Rows ready to decode: right-padded prompts (row b's first lengths_B[b] tokens) run in one
-  pass that fills a cache of `cache_len` slots, and each row's first new token drawn."""
+  pass that fills a cache of `cache_len` slots, and each row's first new token drawn; every step
+  also reports the `num_top` most likely tokens."""
   logits_B1V, mutated = model.apply(variables, tokens_BT,
                                     cache=attention.Prefill(lengths_B, cache_len),
                                     mutable=['cache'])
   first_B = draw(logits_B1V[:, 0], settings, jnp.zeros_like(lengths_B))
+  logprob_B1, top_ids_B1R, top_logprobs_B1R = token_logprobs(logits_B1V, first_B[:, None],
+                                                             num_top)
   return DecodeState(cache=mutated['cache'], tokens_B=first_B, positions_B=lengths_B,
                      num_new_B=jnp.ones_like(lengths_B), max_new_B=max_new_B,
-                     done_B=is_stop(first_B, stop_ids) | (max_new_B <= 1), sampling=settings)
+                     done_B=is_stop(first_B, stop_ids) | (max_new_B <= 1), sampling=settings,
+                     logprob_B=logprob_B1[:, 0], top_ids_BR=top_ids_B1R[:, 0],
+                     top_logprobs_BR=top_logprobs_B1R[:, 0])
 
 
 @jax.jit
@@ -203,9 +236,13 @@ def decode_step(model: Transformer, variables, state: DecodeState,
   tokens_B = jnp.where(running_B, drawn_B, state.tokens_B)
   num_new_B = state.num_new_B + running_B
   stopped_B = running_B & is_stop(tokens_B, stop_ids)
+  logprob_B1, top_ids_B1R, top_logprobs_B1R = token_logprobs(
+      logits_B1V, tokens_B[:, None], state.top_ids_BR.shape[1])
   return state.replace(cache=mutated['cache'], tokens_B=tokens_B,
                        positions_B=state.positions_B + running_B, num_new_B=num_new_B,
-                       done_B=state.done_B | stopped_B | (num_new_B >= state.max_new_B))
+                       done_B=state.done_B | stopped_B | (num_new_B >= state.max_new_B),
+                       logprob_B=logprob_B1[:, 0], top_ids_BR=top_ids_B1R[:, 0],
+                       top_logprobs_BR=top_logprobs_B1R[:, 0])
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens'), donate_argnames='state')
