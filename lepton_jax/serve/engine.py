@@ -174,6 +174,10 @@ class Engine:
         request.emit(Finished('cancelled'))
 
   @property
+  def max_queue(self) -> int:
+    return self._queue.maxsize
+
+  @property
   def queue_depth(self) -> int:
     return self._queue.qsize()
 
