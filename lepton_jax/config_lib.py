@@ -89,6 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.seq_len = 128
   config.grad_accum_steps = 1  # Micro-batches per step; batch_size must divide evenly.
   config.z_loss = 0.0  # Weight of log(Z)^2 (PaLM); 1e-4 stabilises large bf16 runs.
+  # What a step minimises. lm: cross-entropy on every target token. sft: on the loss tokens of
+  # task records (data.source='jsonl': completions, assistant turns). Both are normalised per
+  # counted token over the global batch, micro-batches of grad_accum_steps included.
+  config.objective = 'lm'
   config.log_every_steps = 10
   config.eval_every_steps = 200
   config.eval_batches = 8
@@ -127,8 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   config.data = ml_collections.ConfigDict(dict(
-      source='stdlib',  # stdlib | text | tfds
-      path='',  # text: a file, a directory or a glob.
+      source='stdlib',  # stdlib | text | jsonl | tfds
+      path='',  # text, jsonl: a file, a directory or a glob.
       tfds_name='',  # tfds: dataset name, e.g. 'lm1b'.
       tfds_data_dir='',  # tfds: where prepared data lives ('' = TFDS default).
       train_split='train',  # tfds split names
@@ -152,6 +156,14 @@ def base_config() -> ml_collections.ConfigDict:
       # streaming: rows are shuffled within windows of this many, so that a batch does not hold
       # consecutive rows of a few long documents. 0 keeps the packed order.
       shuffle_window=1024,
+      # jsonl: task records, one JSON object per line (lepton_jax/data/formats.py): text |
+      # prompt_completion | chat | classification | preference.
+      format='text',
+      labels=(),  # classification: the label names (or ids) a record's label is one of.
+      # jsonl: examples kept whole, several to a row with segment ids (attention stays within an
+      # example, positions restart); False: one example per row, padded to seq_len.
+      packing=True,
+      truncate='right',  # jsonl: which end of an example longer than seq_len + 1 is cut (counted).
   ))
 
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -234,6 +246,7 @@ def llama_c4_pretraining(slice_mesh: dict, batch_size: int,
   return config
 
 
+OBJECTIVES = ('lm', 'sft')  # config.objective
 # Names come from the tables that the implementing code dispatches on.
 CHOICES = {
     'model.mlp': tuple(transformer.ACTIVATIONS),
@@ -246,6 +259,9 @@ CHOICES = {
     'model.dtype': transformer.DTYPES,
     'data.source': tuple(data.SOURCES),
     'data.tokenizer': tuple(data.TOKENIZERS),
+    'data.format': data.FORMATS,
+    'data.truncate': ('left', 'right'),
+    'objective': OBJECTIVES,
     'optimizer.name': optim.OPTIMIZERS,
     'optimizer.schedule': optim.SCHEDULES,
     'nonfinite': ('stop', 'skip'),  # What train.NonFiniteGuard does with a non-finite step.
@@ -290,6 +306,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.shuffle_window < 0:
     raise ValueError(f'config.data.shuffle_window={config.data.shuffle_window}: must be >= 0 '
                      '(0 keeps the packed order)')
+  validate_task_data(config)
   if config.lora.targets and config.lora.rank <= 0:
     raise ValueError(f'config.lora.rank={config.lora.rank}: must be positive when '
                      'config.lora.targets is set')
@@ -298,6 +315,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.vocab_size < 0 or not 0.0 <= m.dropout < 1.0:
     raise ValueError('config.model.vocab_size must be >= 0 and config.model.dropout in [0, 1)')
   validate_sample(config.sample, m.max_seq_len)
+
+
+def validate_task_data(config: ml_collections.ConfigDict) -> None:
+  """config.objective against the data it trains on (data.source='jsonl', data.format)."""
+  d = config.data
+  if config.objective == 'sft' and d.source != 'jsonl':
+    raise ValueError(f"config.objective='sft' trains on the loss tokens of task records: set "
+                     f"config.data.source='jsonl' (got {d.source!r})")
+  if d.source != 'jsonl':
+    return
+  if d.format not in data.TOKENIZED_FORMATS:
+    raise ValueError(f'config.data.format={d.format!r}: records of this format parse, but no '
+                     f'objective trains on them yet; use one of {data.TOKENIZED_FORMATS}')
+  if d.streaming:
+    raise ValueError("config.data.streaming=True: jsonl task records are read and packed up "
+                     "front; set it to False")
+  if config.model.attention == 'cudnn' and d.packing:
+    raise ValueError("config.data.packing=True needs segment ids in attention, which "
+                     "config.model.attention='cudnn' cannot take; use 'xla' or 'dot_product'")
 
 
 def validate_sample(sample: ml_collections.ConfigDict, max_seq_len: int) -> None:

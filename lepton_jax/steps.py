@@ -1,6 +1,10 @@
 """The jitted math of training: loss, one optimizer step (with gradient accumulation), eval.
 
 Gradients are taken with respect to the trainable params only; the frozen variables are read.
+The loss is the sum of token losses over the targets a batch's 'mask' counts (every target for
+config.objective='lm', the loss tokens of task records for 'sft'), divided by how many it counts
+in the whole global batch: per counted token, as TRL normalises by default, and the same number
+whatever grad_accum_steps splits the batch into.
 """
 import flax.linen as nn
 import jax
@@ -29,9 +33,13 @@ def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss: float):
 
 def summed_loss(variables, model: nn.Module, batch: Batch, rng: jax.Array, z_loss: float,
                 deterministic: bool):
-  """Sum of token losses over the batch's mask, and (token count, correct count)."""
-  logits_BTV = model.apply(variables, batch['inputs'], deterministic=deterministic,
-                           rngs={'dropout': rng})
+  """Sum of token losses over the batch's mask, and (token count, correct count).
+
+  Packed task rows carry 'positions' and 'segment_ids' (data/packing.py), which the model reads.
+  """
+  logits_BTV = model.apply(variables, batch['inputs'], batch.get('positions'),
+                           deterministic=deterministic, rngs={'dropout': rng},
+                           segment_ids_BT=batch.get('segment_ids'))
   loss_BT, correct_BT = token_losses(logits_BTV, batch['targets'], z_loss)
   mask_BT = batch['mask'] if 'mask' in batch else jnp.ones_like(loss_BT)
   return jnp.sum(loss_BT * mask_BT), (jnp.sum(mask_BT), jnp.sum(correct_BT * mask_BT))
@@ -75,6 +83,7 @@ def train_step(state, frozen, batch: Batch, *, model: nn.Module,
     (grads, loss_sum, tokens), _ = jax.lax.scan(
         accumulate, zeros, (jnp.arange(grad_accum_steps), micro_batches))
 
+  tokens = jnp.maximum(tokens, 1.0)  # A batch counting no token gets zero gradients, not NaN.
   grads = jax.tree.map(lambda g: g / tokens, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   loss, grad_norm = loss_sum / tokens, optax.tree.norm(grads)

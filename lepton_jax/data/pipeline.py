@@ -15,6 +15,11 @@ them ahead of training; grain packs the token stream into rows of T + 1 tokens a
 rows within windows of `data.shuffle_window` (consecutive rows of one long document would
 otherwise share a batch). The iterator's state is then the document position, the partly packed
 row and the place in the window, still a small JSON dict.
+
+Task records (`data.source='jsonl'`, data/formats.py) are tokenized up front into examples and
+packed into rows once (data/packing.py); training visits those rows in the same reseeded
+shuffle, so resuming is exact in the same way. Their batches add 'positions' (restarting per
+example) and, when packed, 'segment_ids'; 'mask' holds the targets config.objective trains on.
 """
 from collections.abc import Sequence
 import time
@@ -24,6 +29,8 @@ import grain
 import ml_collections
 import numpy as np
 
+from lepton_jax.data import formats
+from lepton_jax.data import packing
 from lepton_jax.data import sources
 from lepton_jax.data import tokenizers
 
@@ -104,17 +111,21 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: tokenizers
     return _JsonStateIterator(iter(_streamed_batches(config, tokenizer, process_index,
                                                      process_count, local_batch_size)))
   seq_len = config.seq_len
-  tokens = _tokenize_split(config.data, 'train', tokenizer)
-  num_rows = (len(tokens) - 1) // seq_len
-  if not num_rows:
-    raise ValueError(f'The train split of {sources.describe_source(config.data)} has only '
-                     f'{len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; '
-                     'add text or lower seq_len.')
+  if config.data.source == 'jsonl':
+    rows = _task_rows(config, tokenizer, 'train')
+    num_rows, rows_to_batch = len(rows), lambda row_ids: _task_batch(config, rows, row_ids)
+  else:
+    tokens = _tokenize_split(config.data, 'train', tokenizer)
+    num_rows = (len(tokens) - 1) // seq_len
+    rows_to_batch = lambda row_ids: _rows_to_batch(_windows(tokens, row_ids, seq_len))
+    if not num_rows:
+      raise ValueError(f'The train split of {sources.describe_source(config.data)} has only '
+                       f'{len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; '
+                       'add text or lower seq_len.')
   first = process_index * local_batch_size
 
   def local_batch(global_row_ids: np.ndarray) -> Batch:
-    row_ids = global_row_ids[first:first + local_batch_size]
-    return _rows_to_batch(_windows(tokens, row_ids, seq_len))
+    return rows_to_batch(global_row_ids[first:first + local_batch_size])
 
   dataset = (grain.MapDataset.range(num_rows)
              .shuffle(seed=config.seed)
@@ -124,6 +135,33 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: tokenizers
              .map(local_batch))
   # A thread gathers the next few batches while the accelerator runs; batches are cheap.
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
+
+
+def _task_rows(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
+               split: str) -> packing.Rows:
+  """The records of `split`, tokenized and packed (or padded) into rows of seq_len pairs."""
+  start = time.time()
+  examples = [formats.encode(record, config.data.format, tokenizer)
+              for record in formats.load_records(config.data, split)]
+  rows = packing.pack(examples, config.seq_len, config.data.packing, config.data.truncate,
+                      tokenizer.eos_id)
+  logging.info('Tokenized %d %s records in %.1fs.', len(examples), split, time.time() - start)
+  packing.log_stats(rows, len(examples), split, config.data.truncate)
+  return rows
+
+
+def _task_batch(config: ml_collections.ConfigDict, rows: packing.Rows,
+                row_ids: np.ndarray) -> Batch:
+  """Rows `row_ids` as a batch; row id -1 is a row of padding (the end of a short eval split)."""
+  real = row_ids >= 0
+  take = lambda array: np.where(real[:, None], array[np.maximum(row_ids, 0)], 0)
+  segment_ids = take(rows.segment_ids)
+  targets = take(rows.loss_mask) if config.objective == 'sft' else segment_ids > 0
+  batch = {'inputs': take(rows.inputs), 'targets': take(rows.targets),
+           'positions': take(rows.positions), 'mask': targets.astype(np.float32)}
+  if config.data.packing:
+    batch['segment_ids'] = segment_ids
+  return batch
 
 
 def _streamed_batches(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
@@ -192,6 +230,13 @@ def make_eval_batches(config: ml_collections.ConfigDict, tokenizer: tokenizers.T
   """
   local_batch_size = _local_batch_size(config.batch_size, process_index, process_count)
   seq_len, batch_size = config.seq_len, config.batch_size
+  if config.data.source == 'jsonl':
+    rows = _task_rows(config, tokenizer, 'eval')
+    num_batches = max(1, min(config.eval_batches, -(-len(rows) // batch_size)))
+    row_ids = np.arange(num_batches * batch_size)
+    row_ids = np.where(row_ids < len(rows), row_ids, -1).reshape(num_batches, batch_size)
+    first = process_index * local_batch_size
+    return [_task_batch(config, rows, ids[first:first + local_batch_size]) for ids in row_ids]
   tokens = _tokenize_split(config.data, 'eval', tokenizer,
                            max_tokens=config.eval_batches * batch_size * seq_len + 1)
   full_batches = (len(tokens) - 1) // seq_len // batch_size

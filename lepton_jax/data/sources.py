@@ -3,6 +3,7 @@
 stdlib: the .py files of the running interpreter's standard library, split by file.
 text:   a file, a directory or a glob, local or gs://; every file is split head (train) / tail
         (eval).
+jsonl:  task records (data/formats.py) in such files, split by a hash of each record.
 tfds:   a prepared TFDS dataset read through `tfds.data_source` (random access, no TensorFlow).
 """
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ SOURCES = {
         data_config.val_fraction, split, data_config.include, data_config.exclude),
     'text': lambda data_config, split: text_documents(data_config.path, data_config.val_fraction,
                                                       split),
+    'jsonl': lambda data_config, split: jsonl_documents(data_config, split),
     'tfds': lambda data_config, split: tfds_documents(
         data_config.tfds_name,
         data_config.train_split if split == 'train' else data_config.eval_split,
@@ -51,6 +53,8 @@ def describe_source(data_config: ml_collections.ConfigDict) -> str:
     return f'data.source=stdlib ({stdlib_root()})'
   if data_config.source == 'text':
     return f'data.source=text (data.path={data_config.path!r})'
+  if data_config.source == 'jsonl':
+    return f'data.source=jsonl (data.path={data_config.path!r}, data.format={data_config.format!r})'
   return f'data.source=tfds (data.tfds_name={data_config.tfds_name!r})'
 
 
@@ -76,12 +80,12 @@ def stdlib_paths(val_fraction: float, split: str, include: Sequence[str] = (),
         if ((include and not any(fnmatch.fnmatch(relative, p) for p in include)) or
             any(fnmatch.fnmatch(relative, p) for p in exclude)):
           continue
-        if (_hash_fraction(relative) < val_fraction) == (split == 'eval'):
+        if (hash_fraction(relative) < val_fraction) == (split == 'eval'):
           paths.append(path)
   return paths
 
 
-def _hash_fraction(key: str) -> float:
+def hash_fraction(key: str) -> float:
   """A number in [0, 1) fixed by `key`: the same on every machine and Python run."""
   return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], 'big') / 2**64
 
@@ -99,7 +103,7 @@ def stdlib_documents(val_fraction: float, split: str, include: Sequence[str] = (
 
 def text_documents(path: str, val_fraction: float, split: str) -> list[str]:
   """Every matched file's first (1 - val_fraction) characters for train, the rest for eval."""
-  texts = [_read_utf8(file) for file in _matching_files(path)]
+  texts = [read_utf8(file) for file in matching_files(path)]
   if not any(texts):
     raise ValueError(f'data.path={path!r}: all {len(texts)} matching files are empty.')
   documents = []
@@ -109,7 +113,14 @@ def text_documents(path: str, val_fraction: float, split: str) -> list[str]:
   return documents
 
 
-def _matching_files(path: str) -> list[str]:
+def jsonl_documents(data_config: ml_collections.ConfigDict, split: str) -> list[str]:
+  """The text of each task record of `split` (data/formats.py), e.g. to train a tokenizer on."""
+  from lepton_jax.data import formats  # pylint: disable=g-import-not-at-top  (it imports this)
+  return [formats.record_text(record, data_config.format)
+          for record in formats.load_records(data_config, split)]
+
+
+def matching_files(path: str) -> list[str]:
   """A file, every file under a directory, or a glob's matches; local or gs:// (etils.epath)."""
   root = epath.Path(path)
   if root.is_file():
@@ -139,7 +150,7 @@ def _remote_glob(pattern: str) -> list[epath.Path]:
   return list(epath.Path(base).glob(rest))
 
 
-def _read_utf8(file: str) -> str:
+def read_utf8(file: str) -> str:
   data = epath.Path(file).read_bytes()
   try:
     return data.decode('utf-8')

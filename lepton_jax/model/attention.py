@@ -144,7 +144,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, deterministic: bool,
-               cache: Prefill | Decode | None = None) -> jax.Array:
+               cache: Prefill | Decode | None = None,
+               segment_ids_BT: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
     dense = lambda features, in_axes, out_axes, bias, name: layers.Dense(
         features, in_axes=in_axes, out_axes=out_axes, use_bias=bias, dtype=cfg.dtype,
@@ -172,15 +173,29 @@ class Attention(nn.Module):
     else:
       if isinstance(cache, Prefill):
         self.fill_cache(k_BTKH, v_BTKH, cache)
-      out_BTNH = self.self_attention(q_BTNH, k_BTKH, v_BTKH, deterministic)
+      out_BTNH = self.self_attention(q_BTNH, k_BTKH, v_BTKH, deterministic, segment_ids_BT)
     return dense((x_BTD.shape[-1],), ('heads', 'head_dim'), ('embed',), cfg.out_bias,
                  'out')(out_BTNH)
 
-  def self_attention(self, q_BTNH, k_BTKH, v_BTKH, deterministic: bool) -> jax.Array:
-    """Attention of the tokens to each other (training, evaluation, prefill)."""
+  def self_attention(self, q_BTNH, k_BTKH, v_BTKH, deterministic: bool,
+                     segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Attention of the tokens to each other (training, evaluation, prefill).
+
+    With segment ids (packed examples, 0 for padding) a token attends only within its segment.
+    """
     cfg = self.cfg
+    T = q_BTNH.shape[1]
+    if segment_ids_BT is not None:
+      mask_BTT = causal_mask(T, T, cfg.sliding_window) & (
+          segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+      if cfg.attention == 'cudnn':
+        raise ValueError("segment ids (packed examples) need config.model.attention 'xla' or "
+                         "'dot_product': the cuDNN kernel takes no such mask")
+      if cfg.attention == 'dot_product':
+        return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_BTT[:, None])
+      return xla_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTT, nn.Dropout(cfg.dropout),
+                           deterministic)
     if cfg.attention == 'xla':
-      T = q_BTNH.shape[1]
       return xla_attention(q_BTNH, k_BTKH, v_BTKH, causal_mask(T, T, cfg.sliding_window),
                            nn.Dropout(cfg.dropout), deterministic)
     window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None

@@ -58,12 +58,13 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
-               cache: attention.Prefill | attention.Decode | None = None):
+               cache: attention.Prefill | attention.Decode | None = None,
+               segment_ids_BT: jax.Array | None = None):
     cfg = self.cfg
     norm = lambda name: layers.make_norm(cfg, name)
     residual_dropout = nn.Dropout(cfg.dropout)
     h_BTD = attention.Attention(cfg, name='attn')(norm('attn_norm')(x_BTD), positions_BT,
-                                                  self.deterministic, cache)
+                                                  self.deterministic, cache, segment_ids_BT)
     x_BTD = x_BTD + residual_dropout(h_BTD, deterministic=self.deterministic)
     h_BTD = Mlp(cfg, name='mlp')(norm('mlp_norm')(x_BTD), self.deterministic)
     x_BTD = x_BTD + residual_dropout(h_BTD, deterministic=self.deterministic)
@@ -74,6 +75,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
   """tokens [B, T] int -> logits [B, T, V] float32.
 
+  Packed rows (several examples each) pass `segment_ids_BT` (1, 2, ... per example, 0 padding)
+  and positions that restart per example: attention then never crosses examples.
   With `cache` (applied with mutable=['cache']), the `cache` collection is the KV cache
   (attention.py): `attention.Prefill` fills it from right-padded prompts and returns only each
   prompt's last logits, [B, 1, V]; `attention.Decode` runs tokens [B, 1] at positions_BT through it.
@@ -83,8 +86,11 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
                deterministic: bool = True,
-               cache: attention.Prefill | attention.Decode | None = None) -> jax.Array:
+               cache: attention.Prefill | attention.Decode | None = None,
+               segment_ids_BT: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
+    if cache is not None and segment_ids_BT is not None:
+      raise ValueError('segment ids are for training on packed rows, not for a KV cache')
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
     embed = layers.Embed(cfg.vocab_size, d_model=cfg.d_model, dtype=cfg.dtype,
@@ -109,11 +115,11 @@ class Transformer(nn.Module):
                       in_axes=nn.broadcast, length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
       x_BTD, _ = stack(cfg, deterministic=deterministic, name='layers')(x_BTD, positions_BT,
-                                                                          cache)
+                                                                          cache, segment_ids_BT)
     else:
       for i in range(cfg.num_layers):
-        x_BTD, _ = block(cfg, deterministic=deterministic, name=f'layers_{i}')(x_BTD, positions_BT,
-                                                                               cache)
+        x_BTD, _ = block(cfg, deterministic=deterministic, name=f'layers_{i}')(
+            x_BTD, positions_BT, cache, segment_ids_BT)
 
     if isinstance(cache, attention.Prefill):  # The head only where the next token is drawn.
       last_B11 = (cache.lengths_B - 1)[:, None, None]
