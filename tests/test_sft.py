@@ -2,6 +2,7 @@
 gradient accumulation (against numpy), and an sft run that resumes exactly."""
 import dataclasses
 import functools
+import importlib
 import json
 import os
 
@@ -164,14 +165,16 @@ def test_sft_run_resumes_exactly(tmp_path, monkeypatch):
   assert straight[-1]['train/loss'] < straight[0]['train/loss']
 
 
-def test_sft_trains_on_a_hugging_face_chat_template(tmp_path):
+def test_configs_sft_hf_fine_tunes_a_hugging_face_model(tmp_path):
   pytest.importorskip('transformers')
-  from tests.conftest import save_tiny_chat_tokenizer  # pylint: disable=g-import-not-at-top
-  chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
-            "'<|im_end|>\n' }}{% endfor %}")
-  save_tiny_chat_tokenizer(tmp_path / 'tok', chatml, eos_token='<|im_end|>')
-  config = sft_config(tmp_path, total_steps=4, eval_every_steps=4, **{
-      'data.tokenizer': 'hf', 'data.tokenizer_path': str(tmp_path / 'tok'),
-      'model.vocab_size': 0})
+  from tests.conftest import save_tiny_hf_llama  # pylint: disable=g-import-not-at-top
+  hf_dir = tmp_path / 'hf'
+  save_tiny_hf_llama(hf_dir)
+  (hf_dir / 'chat_template.jinja').write_text(
+      "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '</s>' }}{% endfor %}")
+  config = importlib.import_module('configs.sft_hf').get_config(str(hf_dir))
+  config.update(total_steps=2, batch_size=8, seq_len=64, eval_every_steps=2, eval_batches=1,
+                checkpoint_every_steps=2)
+  config.data.path = write_chats(tmp_path / 'chats.jsonl')
   last = train.train_and_evaluate(config, str(tmp_path / 'run'))
-  assert np.isfinite(last['eval/loss']) and last['train/loss'] > 0
+  assert np.isfinite(last['train/loss']) and np.isfinite(last['eval/loss'])
