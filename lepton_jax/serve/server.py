@@ -7,9 +7,12 @@
 admits nothing more, lets in-flight requests finish for up to `drain_s` seconds, stops the engine
 and returns.
 """
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 
 from etils import epath
 import uvicorn
@@ -68,7 +71,8 @@ def build(model, variables, tokenizer: tokenizers.Tokenizer, name: str, *, max_b
 
 
 class _Server(uvicorn.Server):
-  """uvicorn, whose exit signal also stops the engine admitting requests."""
+  """uvicorn, whose exit signal also stops the engine admitting requests, and after which the
+  process exits normally (uvicorn would raise the signal again once shut down: exit -15)."""
 
   def __init__(self, config: uvicorn.Config, served: api.Served):
     super().__init__(config)
@@ -77,6 +81,19 @@ class _Server(uvicorn.Server):
   def handle_exit(self, sig, frame) -> None:
     self.served.engine.drain()
     super().handle_exit(sig, frame)
+
+  @contextlib.contextmanager
+  def capture_signals(self):
+    if threading.current_thread() is not threading.main_thread():
+      yield  # Signals reach the main thread only (a server in a test's thread).
+      return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+    try:
+      yield
+    finally:
+      for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def uvicorn_server(served: api.Served, host: str, port: int, drain_s: float) -> uvicorn.Server:
