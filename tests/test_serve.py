@@ -303,3 +303,27 @@ def test_a_client_that_disconnects_frees_its_slot(lepton_server):
     while not served.engine.idle:
       assert time.monotonic() < deadline, 'the disconnected request kept its slot'
       time.sleep(0.01)
+
+
+def test_a_full_queue_and_a_draining_server_answer_503(lepton_run):
+  model, variables, tokenizer = lepton_run
+  served = server.build(model, variables, tokenizer, 'tiny', max_batch=1, max_queue=1)
+  with running(served, start_engine=False) as url:  # Nothing takes requests off the queue.
+    body = {'model': 'tiny', 'prompt': 'hi', 'max_tokens': 2}
+    answers = []
+    held = threading.Thread(target=lambda: answers.append(requests.post(
+        url + '/v1/completions', json=body, timeout=TIMEOUT)))
+    held.start()
+    while served.engine.queue_depth == 0:
+      time.sleep(0.01)
+    for stream in (False, True):
+      full = requests.post(url + '/v1/completions', json={**body, 'stream': stream},
+                           timeout=TIMEOUT)
+      assert full.status_code == 503 and 'already waiting' in full.json()['error']['message']
+    served.engine.drain()
+    draining = requests.post(url + '/v1/chat/completions', timeout=TIMEOUT, json={
+        'model': 'tiny', 'messages': [{'role': 'user', 'content': 'hi'}]})
+    assert draining.status_code == 503 and 'shutting down' in draining.json()['error']['message']
+    served.engine.stop()  # Ends the waiting request, unanswered: 503.
+    held.join(TIMEOUT)
+    assert answers[0].status_code == 503 and 'stopped' in answers[0].json()['error']['message']

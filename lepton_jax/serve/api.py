@@ -239,6 +239,8 @@ async def run_choice(served: Served, request_kw: dict, prompt_ids: list[int], st
         yield Delta(index, piece, [event], drawn=1)
       elif event.error is not None:
         raise APIError(500, f'generation failed: {event.error}')
+      elif event.reason == 'cancelled':  # Not by us: we stop reading when we cancel.
+        raise APIError(503, 'the server stopped before the request finished')
       else:
         served.metrics.request_latency.observe(time.perf_counter() - arrived)
         reason = 'stop' if event.reason == 'stop' or text.stopped else 'length'
@@ -553,6 +555,12 @@ async def respond(request: fastapi.Request, served: Served, body: Sampling, choi
   if len(choices) > served.engine.max_queue:
     raise APIError(400, f'{len(choices)} choices (prompts x n) exceed the queue '
                    f'({served.engine.max_queue})', 'n')
+  # Refused before any answer starts, so that a stream too gets its status (later refusals, when
+  # others filled the queue meanwhile, end the stream with an error event).
+  if not served.engine.admitting:
+    raise APIError(503, 'the server is shutting down and admits no new requests')
+  if served.engine.queue_depth + len(choices) > served.engine.max_queue:
+    raise APIError(503, f'{served.engine.queue_depth} requests are already waiting; retry later')
   echo = not chat and body.echo
   num_top = (body.top_logprobs or 0) if chat else (body.logprobs or 0)
   wants_logprobs = body.logprobs if chat else body.logprobs is not None

@@ -174,6 +174,10 @@ class Engine:
         request.emit(Finished('cancelled'))
 
   @property
+  def admitting(self) -> bool:
+    return self._admitting
+
+  @property
   def max_queue(self) -> int:
     return self._queue.maxsize
 
