@@ -183,3 +183,22 @@ def test_a_batch_split_over_data_is_refused():
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:2])
   with pytest.raises(ValueError, match='set --config.mesh.data=1'):
     engine_lib.Engine(model, variables, stop_ids=[], mesh=mesh, rules=config.mesh.rules)
+
+
+def test_a_failing_step_ends_its_requests_with_the_error_and_stops_admitting(monkeypatch):
+  model, variables = tiny_model()
+  engine = engine_lib.Engine(model, variables, stop_ids=[], max_batch=2)
+  engine.start()
+
+  def broken(*args):
+    raise RuntimeError('device lost')
+
+  monkeypatch.setattr(generate, 'decode_step', broken)
+  try:
+    (tokens, _, finished), = run(engine, [engine_lib.Request(prompt(4, seed=0), 5, emit=None)])
+    assert finished.reason == 'error' and 'device lost' in finished.error and len(tokens) == 1
+    assert 'device lost' in engine.failed
+    with pytest.raises(engine_lib.Stopped):
+      engine.submit(engine_lib.Request([1], 1, emit=None))
+  finally:
+    engine.stop()

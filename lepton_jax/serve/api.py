@@ -432,6 +432,8 @@ def create_app(served: Served) -> fastapi.FastAPI:
 
   @app.get('/health')
   async def health():
+    if served.engine.failed:
+      return APIError(503, f'the engine failed: {served.engine.failed}').response()
     return {'status': 'ok', 'running': served.engine.running,
             'waiting': served.engine.queue_depth}
 

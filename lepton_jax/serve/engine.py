@@ -16,6 +16,7 @@ Everything is compiled before the first request (`start`): prefill and prompt sc
 bucket, insert and the decode step once; traffic of any shape compiles nothing more.
 """
 import dataclasses
+import logging
 import os
 import queue
 import threading
@@ -98,14 +99,13 @@ def buckets(max_len: int) -> list[int]:
 class Engine:
   """`max_batch` decode slots over one model, on `mesh` (default: the first device).
 
-  The mesh may split the model over `tensor` (and weights over `fsdp`), but not the batch: one
-  request is prefilled at a time into its own slot. Run a server per replica for data parallelism.
+  The mesh may split the model over `tensor`, but not the batch (data, fsdp): one request is
+  prefilled at a time into its own slot. Run a server per replica for data parallelism.
   """
 
   def __init__(self, model: Transformer, variables: dict, stop_ids: Sequence[int], *,
                max_batch: int = 8, max_seq_len: int | None = None, max_queue: int = 256,
-               mesh: jax.sharding.Mesh | None = None, rules=None,
-               on_step: Callable[['Engine'], None] | None = None):
+               mesh: jax.sharding.Mesh | None = None, rules=None):
     cfg = model.cfg
     self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
     if max_batch < 1:
@@ -135,8 +135,7 @@ class Engine:
     self._thread = None
     self._admitting = True
     self._running = False
-    self.on_step = on_step  # Called after every step from the engine thread (metrics).
-    self.steps = 0
+    self.failed = None  # Why the engine thread ended, if it failed.
 
   # --- the outside: any thread ----------------------------------------------------------------
 
@@ -212,10 +211,19 @@ class Engine:
 
   def _loop(self) -> None:
     with sharding.use_mesh(self.mesh, self.rules):
-      while self._running:
-        self._admit(block=self.running == 0)
-        if self.running:
-          self._step()
+      try:
+        while self._running:
+          self._admit(block=self.running == 0)
+          if self.running:
+            self._step()
+      except Exception as e:  # pylint: disable=broad-except  (the device state is lost)
+        logging.exception('lepton-serve: the engine failed')
+        self.failed = f'{type(e).__name__}: {e}'
+        self._admitting = False
+        for slot, request in enumerate(self._slots):
+          if request is not None:
+            self._slots[slot] = None
+            request.emit(Finished('error', error=self.failed))
 
   def _admit(self, block: bool) -> None:
     """Takes waiting requests into free slots; waits a little for one when nothing runs."""
@@ -246,13 +254,10 @@ class Engine:
 
   def _step(self) -> None:
     self._state = generate.decode_step(self.model, self.variables, self._state, self.stops)
-    self.steps += 1
     host = self._host_rows(self._state, slice(None))
     for slot, request in enumerate(self._slots):
       if request is not None:
         self._emit_new(slot, *(x[slot] for x in host))
-    if self.on_step is not None:
-      self.on_step(self)
 
   @staticmethod
   def _host_rows(state: generate.DecodeState, rows):
