@@ -10,6 +10,9 @@ run's `init_from` source (a LoRA run's base), not even once: every checkpoint's 
 records the source and a fingerprint of those values, and a restore reads them from the source
 again, refusing one whose fingerprint differs.
 
+An int8 checkpoint (lepton_jax/quant.py) holds `state` (its params) and `meta` only, and its
+int8 weights in `frozen/`.
+
 `meta` lets a restart refuse a workdir that holds a different model before anything is written
 to it, and lets evaluation, sampling and export restore the model's variables alone (no optimizer
 state read), onto any mesh. Checkpoints written before `meta` described the variables (format 1:
@@ -123,6 +126,15 @@ class Checkpointer:
     return self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
         meta=ocp.args.JsonSave(meta)), force=force)
+
+  def save_variables(self, step: int, variables: dict, meta: dict) -> None:
+    """Writes a model's variables alone as checkpoint `step`, with no optimizer state or data
+    position (an int8 checkpoint): its params as the trainable ones, other collections frozen."""
+    self.save_frozen({k: v for k, v in variables.items() if k != 'params'})
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({'trainable': variables['params']}),
+        meta=ocp.args.JsonSave(meta)))
+    self._manager.wait_until_finished()
 
   def restore(self, step: int, layout: train_state.Layout,
               data_iterator: grain.DatasetIterator | None = None,

@@ -10,7 +10,8 @@ import ml_collections
 
 from lepton_jax import data, generate, optim
 from lepton_jax.model import attention, layers, transformer
-from lepton_jax.model.config import LORA_INITS
+from lepton_jax.model.config import LORA_INITS, QuantConfig
+from lepton_jax.model import config as model_fields
 
 # Logical axis -> mesh axes (t5x/MaxText style). Three shipped sets; pick one in a config with
 # `config.mesh.rules = config_lib.RULE_SETS[name]` or write your own table.
@@ -128,6 +129,22 @@ def base_config() -> ml_collections.ConfigDict:
       dora=False,  # Weight-decomposed LoRA (Liu et al. 2024): a learned magnitude per column.
       init='kaiming',  # kaiming | gaussian: how A starts; B starts at zero.
       plus_ratio=1.0,  # LoRA+: B's learning rate / A's (the paper suggests ~16).
+  ))
+
+  # Post-training int8 quantization (lepton_jax/quant.py), applied when a model is loaded for
+  # evaluation, sampling, generation or export (scripts/quantize.py writes an int8 checkpoint);
+  # a trained run's checkpoint is never modified.
+  config.quant = ml_collections.ConfigDict(dict(
+      weights='none',  # none | int8: every Dense but the output head, unless excluded.
+      granularity='channel',  # Of the weight scales: channel | tensor | group.
+      group_size=128,  # group: consecutive inputs of a Dense (its input dims flattened) per scale.
+      activations='none',  # none | int8: W8A8, activations quantized dynamically.
+      activation_granularity='token',  # token | tensor
+      kv_cache='none',  # none | int8: a scale per (token, kv head).
+      embed=False,  # The embedding table too (per row); with tied embeddings, the head with it.
+      head=False,  # The output head too (the most sensitive matmul).
+      exclude=(),  # Regular expressions over Dense paths ('layers_0/mlp/down') left in float.
+      kernel='auto',  # auto: Pallas on TPU and GPU, XLA elsewhere | xla | pallas
   ))
 
   config.data = ml_collections.ConfigDict(dict(
@@ -266,6 +283,12 @@ CHOICES = {
     'optimizer.schedule': optim.SCHEDULES,
     'nonfinite': ('stop', 'skip'),  # What train.NonFiniteGuard does with a non-finite step.
     'lora.init': LORA_INITS,
+    'quant.weights': model_fields.QUANT_WEIGHTS,
+    'quant.granularity': model_fields.QUANT_GRANULARITIES,
+    'quant.activations': model_fields.QUANT_ACTIVATIONS,
+    'quant.activation_granularity': model_fields.QUANT_ACTIVATION_GRANULARITIES,
+    'quant.kv_cache': model_fields.QUANT_KV_CACHES,
+    'quant.kernel': model_fields.QUANT_KERNELS,
 }
 POSITIVE = ('total_steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every_steps',
             'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
@@ -314,6 +337,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError('config.lora.dropout must be in [0, 1) and config.lora.plus_ratio positive')
   if m.vocab_size < 0 or not 0.0 <= m.dropout < 1.0:
     raise ValueError('config.model.vocab_size must be >= 0 and config.model.dropout in [0, 1)')
+  QuantConfig.from_config(config.quant).check(m.tie_embeddings)
   validate_sample(config.sample, m.max_seq_len)
 
 

@@ -20,8 +20,9 @@ from etils import epath
 import jax
 import ml_collections
 
-from lepton_jax import cli, config_lib, evals, sample, sharding
+from lepton_jax import cli, config_lib, evals, quant, sample, sharding
 from lepton_jax.evals import cost
+from lepton_jax.model.config import QuantConfig
 
 TASK_TYPES = tuple(t for t in evals.TYPES if t not in ('lm', 'humaneval'))  # Those with a file.
 
@@ -41,11 +42,13 @@ def define_flags() -> None:
 def load(config: ml_collections.ConfigDict, workdir: str | None = None,
          hf_dir: str | None = None, step: int | None = None):
   """(model, variables, tokenizer) of a run's checkpoint (`workdir`, `step`) or a Hugging Face
-  directory, the variables placed on `config.mesh`."""
+  directory, the variables placed on `config.mesh` and quantized as config.quant says."""
   if hf_dir:
     from lepton_jax import hf  # The hf extra, only when asked for.
-    model, variables = hf.load(hf_dir, mesh=sharding.make_mesh(config.mesh),
-                               rules=config.mesh.rules)
+    mesh = sharding.make_mesh(config.mesh)
+    model, variables = hf.load(hf_dir, mesh=mesh, rules=config.mesh.rules)
+    model, variables = quant.quantize(model, variables, QuantConfig.from_config(config.quant),
+                                      mesh, config.mesh.rules)
     return model, variables, hf.load_tokenizer(hf_dir)
   return sample.load(config, workdir, step)
 
@@ -72,7 +75,8 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, tokenizer,
   with sharding.use_mesh(mesh, rules):
     metrics = evals.run(evals.build(config, model, tokenizer, mesh, rules, tasks), variables)
     if measure_cost:
-      measured = {**cost.param_counts(variables['params']),
+      weights = {name: variables[name] for name in ('params', 'quant') if name in variables}
+      measured = {**cost.param_counts(weights),  # int8 weights and their scales included.
                   **cost.forward_cost(model, variables, mesh, rules, config.batch_size,
                                       config.seq_len)}
       metrics.update({f'cost/{key}': value for key, value in measured.items()})

@@ -13,7 +13,7 @@ from lepton_jax.model import ModelConfig, Transformer
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   tokenizer: data.Tokenizer
-  model_config: ModelConfig  # config.model with vocab_size resolved, and config.lora.
+  model_config: ModelConfig  # config.model with vocab_size resolved, config.lora, config.quant.
   model: Transformer
   trainable: tuple[str, ...]  # Patterns of the params that train (lora.trainable_patterns).
   checkpointer: checkpoint.Checkpointer
@@ -29,7 +29,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, same_split: bool,
   """
   tokenizer = data.build_tokenizer(config.data, workdir, train_if_missing=train_tokenizer)
   model_config = ModelConfig.from_config(config_lib.resolve_vocab(config.model, tokenizer),
-                                         config.lora)
+                                         config.lora, config.quant)
   model = Transformer(model_config)
   variables = sharding.unbox_abstract(train_state.boxed_variables(model, config.seq_len))
   lora.check_targets(model_config.lora, variables['params'], model_config.tie_embeddings)
@@ -57,7 +57,7 @@ def save_run_config(config: ml_collections.ConfigDict, run: Experiment, workdir:
   model's vocab_size, the tokenizer's file), so another run can start from this one."""
   resolved = ml_collections.ConfigDict(config.to_dict())
   resolved.model.update({k: v for k, v in dataclasses.asdict(run.model_config).items()
-                         if k != 'lora'})  # config.lora stays where it is.
+                         if k not in ('lora', 'quant')})  # Those keep their own groups.
   resolved.data.tokenizer_path = run.tokenizer.path or config.data.tokenizer_path
   path = epath.Path(workdir) / pretrained.RUN_CONFIG
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,9 +4,10 @@ from typing import Sequence
 from etils import epath
 import ml_collections
 
-from lepton_jax import checkpoint, config_lib, data, experiment, generate, pretrained, sharding
-from lepton_jax import train_state
+from lepton_jax import checkpoint, config_lib, data, experiment, generate, pretrained, quant
+from lepton_jax import sharding, train_state
 from lepton_jax.model import ModelConfig, Transformer
+from lepton_jax.model.config import QuantConfig
 
 
 def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
@@ -14,15 +15,20 @@ def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = Non
 
   `config` is the run's config (its model, data and mesh settings); the variables (params alone:
   no optimizer state is read, whichever optimizer trained them) are placed on the mesh it
-  describes.
+  describes, and quantized as config.quant says (lepton_jax/quant.py). An int8 checkpoint
+  (scripts/quantize.py) brings its own model, tokenizer and int8 weights.
   """
-  config = pretrained.resolve(config)
+  config = pretrained.resolve(quant.resolve(config, workdir))
   config_lib.validate(config)
   if not (epath.Path(workdir) / 'checkpoints').is_dir():  # Local or gs://, as orbax writes.
     raise FileNotFoundError(f'{workdir} holds no checkpoints; train there first '
                             f'(lepton-train --workdir={workdir}).')
+  # The checkpoint's own weights (float for a trained run), quantized below if config.quant asks.
+  stored = ml_collections.ConfigDict(config.to_dict())
+  if quant.read_quantized_config(workdir) is None:
+    stored.quant = config_lib.base_config().quant
   # The run's own tokenizer: one trained now for other data settings would not match the model.
-  run = experiment.build(config, workdir, same_split=False, train_tokenizer=False)
+  run = experiment.build(stored, workdir, same_split=False, train_tokenizer=False)
   available = run.checkpointer.all_steps()
   step = available[-1] if step is None and available else step
   if step not in available:
@@ -34,7 +40,9 @@ def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = Non
         step, checkpoint.abstract_like(*train_state.abstract_variables(run.model, mesh, rules,
                                                                         config.seq_len)))
   run.checkpointer.close()
-  return run.model, variables, run.tokenizer
+  model, variables = quant.quantize(run.model, variables, QuantConfig.from_config(config.quant),
+                                    mesh, rules)
+  return model, variables, run.tokenizer
 
 
 def prompt_tokens(tokenizer, prompt: str) -> list[int]:

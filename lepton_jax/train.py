@@ -81,6 +81,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Runs (or resumes) the experiment; returns the last logged metrics."""
   config = pretrained.resolve(config)
   config_lib.validate(config)
+  if config.quant.weights != 'none':
+    raise ValueError(f'config.quant.weights={config.quant.weights!r}: int8 weights are for a '
+                     'trained model, applied when it is loaded (scripts/quantize.py, '
+                     'scripts/sample.py, lepton-eval); train in float')
   is_coordinator = distributed.is_coordinator()
   mesh = sharding.make_mesh(config.mesh)
   rules = config.mesh.rules

@@ -4,7 +4,13 @@ transformers' `generate` on the same model, in the same run.
 
   python scripts/benchmark_decode.py --config=configs/stdlib_tiny.py \
       --config.model.vocab_size=1024 [--batch=8] [--prompt_len=32] [--new_tokens=64] \
-      [--rounds=5] [--compare=transformers] [--cpu_devices=2 --config.mesh.tensor=2]
+      [--rounds=5] [--compare=transformers] [--cpu_devices=2 --config.mesh.tensor=2] \
+      [--config.quant.weights=int8 ...] [--variants=f32,bf16,w8,w8a8,w8a8_kv8]
+
+--variants times several settings of the same model in one run, alternating within each round:
+each is the config with the overrides VARIANTS names (dtypes, config.quant), its weights the same
+random init (quantized as the variant says). `bytes_per_decode_step` and `cache_bytes_per_token`
+(every layer's keys and values of one cached token, scales included) come per variant.
 
 Random prompts of prompt_len tokens, greedy, no stop token: every row draws new_tokens tokens,
 the first from the prefill, so the decode loop runs new_tokens - 1 steps. Times generate's own
@@ -31,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lepton_jax import cli, config_lib, flops, generate, sharding, train_state
+from lepton_jax import cli, config_lib, flops, generate, quant, sharding, train_state, tree
 from lepton_jax.model import ModelConfig, Transformer
+from lepton_jax.model.config import QuantConfig
 
 cli.define_flags()
 flags.DEFINE_integer('batch', 8, 'Prompts decoded together.', lower_bound=1)
@@ -40,16 +47,38 @@ flags.DEFINE_integer('prompt_len', 32, 'Tokens of every prompt.', lower_bound=1)
 flags.DEFINE_integer('new_tokens', 64, 'Tokens drawn per prompt.', lower_bound=2)
 flags.DEFINE_integer('rounds', 5, 'Timed rounds; medians are reported.', lower_bound=1)
 flags.DEFINE_enum('compare', None, ['transformers'], 'Also time this implementation.')
+flags.DEFINE_list('variants', [], 'Settings to time side by side, names of VARIANTS (default: '
+                  'the config alone).')
 FLAGS = flags.FLAGS
+
+BF16 = {'model.dtype': 'bfloat16', 'model.param_dtype': 'bfloat16'}
+W8 = {'quant.weights': 'int8'}
+W8A8 = {**W8, 'quant.activations': 'int8'}
+KV8 = {'quant.kv_cache': 'int8'}
+VARIANTS = {
+    'f32': {}, 'bf16': BF16, 'w8': W8, 'w8_tensor': {**W8, 'quant.granularity': 'tensor'},
+    'w8_group': {**W8, 'quant.granularity': 'group'}, 'w8a8': W8A8,
+    'w8a8_tensor': {**W8A8, 'quant.granularity': 'tensor',
+                    'quant.activation_granularity': 'tensor'},
+    'kv8': KV8, 'w8_kv8': {**W8, **KV8}, 'w8a8_kv8': {**W8A8, **KV8},
+}
 
 
 def step_bytes(cfg: ModelConfig, variables: dict, cache: dict) -> int:
-  """Bytes a decode step reads: the weights, tables a row per token aside, and the whole cache."""
-  params = variables['params']
-  tables = [] if cfg.tie_embeddings else [params['embed']['embedding']]
-  tables += [params['pos_embedding']] if 'pos_embedding' in params else []
-  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
-  return nbytes(params) - nbytes(tables) + nbytes(cache)
+  """Bytes a decode step reads: the weights (float and int8), tables a row per token aside, and
+  the whole cache."""
+  weights = {name: variables[name] for name in ('params', 'quant') if name in variables}
+  is_table = lambda name: name.endswith('pos_embedding') or (
+      not cfg.tie_embeddings and name.split('/')[0] == 'embed')
+  return (sum(leaf.nbytes for name, leaf in zip(tree.names(weights), jax.tree.leaves(weights))
+              if not is_table(name)) + sum(x.nbytes for x in jax.tree.leaves(cache)))
+
+
+def cache_bytes_per_token(cache: dict, batch: int) -> float:
+  """Every layer's cached key and value (and scales) of one token of one row."""
+  leaves = jax.tree.leaves(nn.unbox(cache))
+  slots = leaves[0].shape[leaves[0].ndim - 3]  # [(L,) B, S, K, H]: S.
+  return sum(x.nbytes for x in leaves) / (batch * slots)
 
 
 class Lepton:
@@ -116,6 +145,20 @@ def rates(prefill_s: float, decode_s: float) -> dict:
           'ms_per_decode_step': round(1000 * decode_s / steps, 3)}
 
 
+def build(config, name: str, mesh, rules) -> tuple[Transformer, dict]:
+  """The model of `config` with variant `name`'s overrides, its weights random (config.seed) and
+  quantized as the variant's config.quant says."""
+  config = config_lib.override(config, VARIANTS[name]) if name else config
+  config_lib.validate(config)
+  float_model = Transformer(ModelConfig.from_config(config.model))
+  shardings = train_state.abstract_variables(float_model, mesh, rules, FLAGS.prompt_len)[1]
+  variables = jax.jit(lambda: nn.unbox(float_model.init(jax.random.key(config.seed),
+                                                        jnp.zeros((1, 8), jnp.int32))),
+                      out_shardings=shardings)()
+  return quant.quantize(float_model, variables, QuantConfig.from_config(config.quant), mesh,
+                        rules)
+
+
 def main(argv):
   del argv
   cli.initialize_distributed()
@@ -124,32 +167,36 @@ def main(argv):
   if not config.model.vocab_size:
     raise ValueError('config.model.vocab_size=0 would need a tokenizer: give the vocabulary '
                      'size, e.g. --config.model.vocab_size=8192')
+  unknown = [name for name in FLAGS.variants if name not in VARIANTS]
+  if unknown:
+    raise ValueError(f'--variants: {unknown[0]!r} is not one of {tuple(VARIANTS)}')
+  names = FLAGS.variants or ['']  # '': the config as given.
   cfg = ModelConfig.from_config(config.model)
   generate.check_prompts(cfg, [[0] * FLAGS.prompt_len], FLAGS.new_tokens)
-  model = Transformer(cfg)
   mesh, rules = sharding.make_mesh(config.mesh), config.mesh.rules
+  label = lambda name: name or 'lepton_jax'
   with sharding.use_mesh(mesh, rules):
     if FLAGS.batch % generate.batch_multiple():
       raise ValueError(f'--batch={FLAGS.batch} does not split over the mesh\'s '
                        f'{generate.batch_multiple()} batch shards')
-    shardings = train_state.abstract_variables(model, mesh, rules, FLAGS.prompt_len)[1]
-    variables = jax.jit(lambda: nn.unbox(model.init(jax.random.key(config.seed),
-                                                    jnp.zeros((1, 8), jnp.int32))),
-                        out_shardings=shardings)()
     tokens_BT = np.random.default_rng(config.seed).integers(
         0, cfg.vocab_size, (FLAGS.batch, FLAGS.prompt_len)).astype(np.int32)
-    lepton = Lepton(model, variables, tokens_BT, FLAGS.new_tokens)
-    other = FLAGS.compare and Transformers(model, variables, tokens_BT,
+    decoders = {}
+    for name in names:
+      model, variables = build(config, name, mesh, rules)
+      decoders[name] = Lepton(model, variables, tokens_BT, FLAGS.new_tokens)
+    first = decoders[names[0]]
+    other = FLAGS.compare and Transformers(first.model, first.variables, tokens_BT,
                                            FLAGS.new_tokens)
-    bytes_per_step = step_bytes(cfg, variables, lepton.cache)
-    bandwidth = flops.memory_bandwidth_per_device(bytes_per_step)
     rounds = []
     for index in range(FLAGS.rounds):
-      round_ = {'round': index, 'lepton_jax': rates(*lepton.run()[:2])}
+      round_ = {'round': index}
+      for name in names:  # Alternating: every variant sees the same stretch of machine time.
+        round_[label(name)] = rates(*decoders[name].run()[:2])
       if other:
         time.sleep(0.5)  # Lets torch's OpenMP threads stop spinning before JAX runs again.
         round_['transformers'] = rates(*other.run())
-        round_['speedup'] = round(round_['lepton_jax']['decode_tokens_per_sec'] /
+        round_['speedup'] = round(round_[label(names[0])]['decode_tokens_per_sec'] /
                                   round_['transformers']['decode_tokens_per_sec'], 2)
         time.sleep(0.5)
       print(json.dumps(round_), flush=True)
@@ -157,21 +204,34 @@ def main(argv):
 
   median = lambda impl: {key: statistics.median(r[impl][key] for r in rounds)
                          for key in rounds[0][impl]}
-  step_s = median('lepton_jax')['ms_per_decode_step'] / 1000
-  summary = {
-      'device': jax.devices()[0].device_kind, 'num_devices': jax.device_count(),
-      'batch': FLAGS.batch, 'prompt_len': FLAGS.prompt_len, 'new_tokens': FLAGS.new_tokens,
-      'params': sum(x.size for x in jax.tree.leaves(variables['params'])),
-      'dtype': cfg.dtype, 'lepton_jax': median('lepton_jax'),
-      'bytes_per_decode_step': bytes_per_step,
-      'decode_bytes_per_sec_per_device': round(bytes_per_step / jax.device_count() / step_s),
-      'memory_bandwidth_per_device': bandwidth and round(bandwidth),
-      'bandwidth_utilisation': bandwidth and round(
-          bytes_per_step / jax.device_count() / step_s / bandwidth, 3)}
+  summary = {'device': jax.devices()[0].device_kind, 'num_devices': jax.device_count(),
+             'batch': FLAGS.batch, 'prompt_len': FLAGS.prompt_len,
+             'new_tokens': FLAGS.new_tokens,
+             'params': sum(x.size for x in jax.tree.leaves(first.variables['params']))}
+  for name in names:
+    decoder = decoders[name]
+    bytes_per_step = step_bytes(decoder.model.cfg, decoder.variables, decoder.cache)
+    bandwidth = flops.memory_bandwidth_per_device(bytes_per_step)
+    step_s = median(label(name))['ms_per_decode_step'] / 1000
+    summary[label(name)] = {
+        **median(label(name)), 'dtype': decoder.model.cfg.dtype,
+        'quant': quant.weight_fields(decoder.model.cfg.quant) | {
+            'activations': decoder.model.cfg.quant.activations,
+            'kv_cache': decoder.model.cfg.quant.kv_cache},
+        'bytes_per_decode_step': bytes_per_step,
+        'cache_bytes_per_token': cache_bytes_per_token(decoder.cache, FLAGS.batch),
+        'decode_bytes_per_sec_per_device': round(bytes_per_step / jax.device_count() / step_s),
+        'memory_bandwidth_per_device': bandwidth and round(bandwidth),
+        'bandwidth_utilisation': bandwidth and round(
+            bytes_per_step / jax.device_count() / step_s / bandwidth, 3)}
+    if name != names[0]:
+      summary[label(name)]['speedup_over_' + label(names[0])] = statistics.median(
+          r[label(name)]['decode_tokens_per_sec'] / r[label(names[0])]['decode_tokens_per_sec']
+          for r in rounds)
   if other:
     summary.update(transformers=median('transformers'),
                    speedup=statistics.median(r['speedup'] for r in rounds),
-                   same_greedy_tokens=bool((lepton.tokens_BC == other.tokens_BC).all()))
+                   same_greedy_tokens=bool((first.tokens_BC == other.tokens_BC).all()))
   print(json.dumps(summary), flush=True)
 
 

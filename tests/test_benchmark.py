@@ -55,6 +55,28 @@ def test_decode_benchmark_reports_rates_bandwidth_and_transformers():
       assert r[impl]['decode_tokens_per_sec'] == pytest.approx(
           2 / (r[impl]['ms_per_decode_step'] / 1000), rel=1e-2)
   assert summary['same_greedy_tokens'] and summary['speedup'] > 0
-  assert 0 < summary['bandwidth_utilisation'] == pytest.approx(
-      summary['decode_bytes_per_sec_per_device'] / summary['memory_bandwidth_per_device'],
+  lepton = summary['lepton_jax']
+  assert 0 < lepton['bandwidth_utilisation'] == pytest.approx(
+      lepton['decode_bytes_per_sec_per_device'] / lepton['memory_bandwidth_per_device'],
       rel=1e-2)
+
+
+def test_decode_benchmark_sets_int8_variants_beside_float():
+  result = subprocess.run(
+      [sys.executable, 'scripts/benchmark_decode.py', *TINY, '--cpu_devices=2', '--batch=2',
+       '--prompt_len=8',
+       '--new_tokens=5', '--rounds=2', '--variants=f32,w8a8_kv8'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  *rounds, summary = [json.loads(line) for line in result.stdout.strip().splitlines()]
+  assert all({'f32', 'w8a8_kv8'} <= r.keys() for r in rounds)
+  f32, int8 = summary['f32'], summary['w8a8_kv8']
+  assert (int8['quant']['weights'], int8['quant']['kv_cache']) == ('int8', 'int8')
+  # f32 keys and values: 4 bytes a value; int8: 1, plus a 4-byte scale per head (stdlib_tiny's
+  # head_dim is 32).
+  head_dim = 32
+  assert int8['cache_bytes_per_token'] == pytest.approx(
+      f32['cache_bytes_per_token'] * (1 + 4 / head_dim) / 4)
+  # Everything but the float head (this tiny model's largest matmul) shrinks to about a quarter.
+  assert int8['bytes_per_decode_step'] < 0.5 * f32['bytes_per_decode_step']
+  assert int8['speedup_over_f32'] > 0

@@ -20,6 +20,7 @@ NOTEBOOK = REPO / 'notebooks' / 'quickstart.ipynb'
 HF_NOTEBOOK = REPO / 'notebooks' / 'hf_finetune.ipynb'
 LORA_NOTEBOOK = REPO / 'notebooks' / 'lora_finetune.ipynb'
 ABLATIONS_NOTEBOOK = REPO / 'notebooks' / 'ablations.ipynb'
+INT8_NOTEBOOK = REPO / 'notebooks' / 'int8_inference.ipynb'
 
 OVERRIDES = """\
 config.total_steps = 30
@@ -56,7 +57,8 @@ def _kernel_env(tmp_path):
   return env
 
 
-@pytest.mark.parametrize('path', [NOTEBOOK, HF_NOTEBOOK, LORA_NOTEBOOK, ABLATIONS_NOTEBOOK],
+@pytest.mark.parametrize('path', [NOTEBOOK, HF_NOTEBOOK, LORA_NOTEBOOK, ABLATIONS_NOTEBOOK,
+                                  INT8_NOTEBOOK],
                          ids=lambda path: path.stem)
 def test_notebook_is_stored_without_outputs(path):
   nb = nbformat.read(path, as_version=4)
@@ -170,3 +172,21 @@ def test_lora_finetune_runs(tmp_path):
                       for out in cell.outputs if out.output_type == 'stream')
   assert 'held-out email/ + xml/ loss: base' in printed  # The notebook asserts LoRA < base.
   assert 'max |merged - adapted| logits' in printed
+
+
+def test_int8_inference_runs(tmp_path):
+  nb = nbformat.read(INT8_NOTEBOOK, as_version=4)
+  (params,) = _cells_with_tag(nb, 'parameters')
+  # The LoRA notebook's small model; 120 steps so that quality differences mean something.
+  nb.cells.insert(params + 1, nbformat.v4.new_code_cell(
+      LORA_OVERRIDES.replace('BASE_STEPS = 30\nLORA_STEPS = 30', 'TRAIN_STEPS = 120'),
+      metadata={'tags': ['injected-parameters']}))
+
+  nbclient.NotebookClient(nb, kernel_name='python3', timeout=600,
+                          resources={'metadata': {'path': str(REPO)}}).execute(
+                              env=_kernel_env(tmp_path))
+
+  printed = '\n'.join(out.get('text', '') for cell in nb.cells if cell.cell_type == 'code'
+                      for out in cell.outputs if out.output_type == 'stream')
+  assert 'perplexity changes checked' in printed  # The notebook asserts the bounds.
+  assert 'reloaded exactly: True' in printed and 'KV cache per token and layer' in printed

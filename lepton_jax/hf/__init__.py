@@ -163,6 +163,9 @@ def save(model: Transformer, variables: dict, path: str, tokenizer=None, *,
   if cfg.lora.enabled:
     raise ValueError('hf.save: the model carries LoRA adapters; lora.merge(model, variables) '
                      'first, or hf.save_adapter(model, variables, path) for the adapters alone')
+  if cfg.quant.weights != 'none':
+    raise ValueError('hf.save writes float weights and these are int8: export the float model '
+                     '(without config.quant), or write an int8 checkpoint with scripts/quantize.py')
   hf_family, hf_config = family_of(cfg)
   target = epath.Path(path)
   _check_new_directory(target)

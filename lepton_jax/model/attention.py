@@ -7,6 +7,8 @@ The KV cache is the `cache` variable collection: per layer `cached_key` and `cac
 S slots holds each row's last S positions: with S >= every position it holds them all, with
 S = the sliding window it is a ring buffer that holds exactly the keys a query can still see.
 `Prefill` fills a fresh cache from whole prompts; `Decode` runs one token per row against it.
+With cfg.quant.kv_cache='int8' the cached keys and values are int8, each beside a float32
+`cached_key_scale` / `cached_value_scale` [B, S, K]: one scale per token and kv head.
 """
 import flax.linen as nn
 import flax.struct
@@ -14,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lepton_jax.model import layers
+from lepton_jax.model import int8, layers
 from lepton_jax.model.config import ModelConfig
 
 # config.model.attention: xla = xla_attention below; dot_product = jax.nn.dot_product_attention,
@@ -107,16 +109,20 @@ def fill_slots(x_BTKH: jax.Array, lengths_B: jax.Array, cache_len: int) -> jax.A
 
 
 def write_slots(cache_BSKH: jax.Array, x_BTKH: jax.Array, positions_BT: jax.Array) -> jax.Array:
-  """The cache with each row's new keys (or values) written to their slots, in place."""
+  """The cache with each row's new keys (or values, or their scales [B, T, K]) written to their
+  slots, in place."""
   slots_BT = positions_BT % cache_BSKH.shape[1]
   return jax.vmap(lambda cache_SKH, x_TKH, slots_T: cache_SKH.at[slots_T].set(x_TKH))(
       cache_BSKH, x_BTKH, slots_BT)
 
 
-def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask, dropout: nn.Module, deterministic: bool):
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask, dropout: nn.Module, deterministic: bool,
+                  k_scale_BSK=None, v_scale_BSK=None):
   """Einsum attention; query heads N are grouped over K kv heads without repeating k/v.
 
-  `mask` is [T, S], the same for every row, or [B, T, S].
+  `mask` is [T, S], the same for every row, or [B, T, S]. With scales, k and v are an int8
+  cache (int8.quantize_kv's): a key's scale multiplies its logits and a value's its
+  probabilities, exactly as dequantizing first would, without a float copy of the cache.
 
   Heads go in front once (B, K, G*T, H) so that both matmuls are plain batched matmuls over
   (B, K) with the G query heads of a kv head stacked along M. XLA:CPU otherwise fuses a transpose
@@ -126,14 +132,20 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask, dropout: nn.Module, deterministi
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
   G = N // K
+  dtype = q_BTNH.dtype
   # Head n = k * G + g, so (N, T) -> (K, G * T) is a reshape.
   q_BKMH = (q_BTNH * H ** -0.5).transpose(0, 2, 1, 3).reshape(B, K, G * T, H)
-  k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+  k_BKSH = k_BSKH.astype(dtype).transpose(0, 2, 1, 3)
+  v_BKSH = v_BSKH.astype(dtype).transpose(0, 2, 1, 3)
   logits_BKMS = jnp.einsum('bkmh,bksh->bkms', q_BKMH, k_BKSH).astype(jnp.float32)
+  if k_scale_BSK is not None:
+    logits_BKMS = logits_BKMS * k_scale_BSK.transpose(0, 2, 1)[:, :, None, :]
   mask_bMS = jnp.tile(mask, (G, 1))[..., None, :, :]  # b: B, or 1 for a [T, S] mask.
   logits_BKMS = jnp.where(mask_bMS, logits_BKMS, jnp.finfo(jnp.float32).min)
-  probs_BKMS = jax.nn.softmax(logits_BKMS, axis=-1).astype(v_BSKH.dtype)
-  probs_BKMS = dropout(probs_BKMS, deterministic=deterministic)
+  probs_BKMS = jax.nn.softmax(logits_BKMS, axis=-1)
+  if v_scale_BSK is not None:
+    probs_BKMS = probs_BKMS * v_scale_BSK.transpose(0, 2, 1)[:, :, None, :]
+  probs_BKMS = dropout(probs_BKMS.astype(dtype), deterministic=deterministic)
   out_BKMH = jnp.einsum('bkms,bksh->bkmh', probs_BKMS, v_BKSH)
   return out_BKMH.reshape(B, N, T, H).transpose(0, 2, 1, 3)
 
@@ -149,7 +161,8 @@ class Attention(nn.Module):
     cfg = self.cfg
     dense = lambda features, in_axes, out_axes, bias, name: layers.Dense(
         features, in_axes=in_axes, out_axes=out_axes, use_bias=bias, dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype, lora=cfg.lora, deterministic=deterministic, name=name)
+        param_dtype=cfg.param_dtype, lora=cfg.lora, quant=cfg.quant, deterministic=deterministic,
+        name=name)
     q_BTNH = dense((cfg.num_heads, cfg.head_dim), ('embed',), ('heads', 'head_dim'),
                    cfg.qkv_bias, 'query')(x_BTD)
     k_BTKH = dense((cfg.num_kv_heads, cfg.head_dim), ('embed',), ('kv_heads', 'head_dim'),
@@ -166,10 +179,10 @@ class Attention(nn.Module):
     q_BTNH = nn.with_logical_constraint(q_BTNH, ('batch', 'length', 'act_heads', 'head_dim'))
 
     if isinstance(cache, Decode):
-      k_BSKH, v_BSKH = self.decode_cache(k_BTKH, v_BTKH, positions_BT)
+      k_BSKH, v_BSKH, scales = self.decode_cache(k_BTKH, v_BTKH, positions_BT)
       mask_BTS = cache_mask(positions_BT, k_BSKH.shape[1], cfg.sliding_window)
       out_BTNH = xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, nn.Dropout(cfg.dropout),
-                               deterministic)
+                               deterministic, *scales)
     else:
       if isinstance(cache, Prefill):
         self.fill_cache(k_BTKH, v_BTKH, cache)
@@ -204,22 +217,34 @@ class Attention(nn.Module):
         implementation='cudnn' if cfg.attention == 'cudnn' else None)
 
   def fill_cache(self, k_BTKH, v_BTKH, prefill: Prefill) -> None:
-    """Creates this layer's cache from the prompts' keys and values."""
+    """Creates this layer's cache from the prompts' keys and values (int8 with a scale per
+    token and kv head when cfg.quant.kv_cache is int8)."""
     for name, x_BTKH in (('cached_key', k_BTKH), ('cached_value', v_BTKH)):
-      B, _, K, H = x_BTKH.shape
-      variable = self.variable('cache', name, nn.with_logical_partitioning(jnp.zeros, CACHE_AXES),
-                               (B, prefill.cache_len, K, H), x_BTKH.dtype)
-      variable.value = nn.with_logical_constraint(
-          fill_slots(x_BTKH, prefill.lengths_B, prefill.cache_len), CACHE_AXES)
+      x_BSKH = fill_slots(x_BTKH, prefill.lengths_B, prefill.cache_len)
+      entries = {name: (x_BSKH, CACHE_AXES)}
+      if self.cfg.quant.kv_cache == 'int8':
+        x_BSKH, scale_BSK = int8.quantize_kv(x_BSKH)
+        entries = {name: (x_BSKH, CACHE_AXES), f'{name}_scale': (scale_BSK, CACHE_AXES[:3])}
+      for entry, (value, axes) in entries.items():
+        variable = self.variable('cache', entry, nn.with_logical_partitioning(jnp.zeros, axes),
+                                 value.shape, value.dtype)
+        variable.value = nn.with_logical_constraint(value, axes)
 
-  def decode_cache(self, k_BTKH, v_BTKH, positions_BT) -> tuple[jax.Array, jax.Array]:
-    """Writes the new tokens' keys and values into this layer's cache; returns the cache."""
+  def decode_cache(self, k_BTKH, v_BTKH, positions_BT):
+    """Writes the new tokens' keys and values into this layer's cache; returns the cache
+    (keys, values, and their scales: () for a float cache)."""
     if k_BTKH.shape[1] != 1:  # A ring would overwrite keys that earlier queries of a step see.
       raise ValueError(f'Decode runs one token per row; got {k_BTKH.shape[1]}')
-    cached = []
+    quantized = self.cfg.quant.kv_cache == 'int8'
+    cached, scales = [], []
     for name, x_BTKH in (('cached_key', k_BTKH), ('cached_value', v_BTKH)):
-      variable = self.variable('cache', name)
-      variable.value = nn.with_logical_constraint(
-          write_slots(variable.value, x_BTKH, positions_BT), CACHE_AXES)
-      cached.append(variable.value)
-    return tuple(cached)
+      entries = [(name, x_BTKH, CACHE_AXES)]
+      if quantized:
+        x_BTKH, scale_BTK = int8.quantize_kv(x_BTKH)
+        entries = [(name, x_BTKH, CACHE_AXES), (f'{name}_scale', scale_BTK, CACHE_AXES[:3])]
+      for (entry, value, axes), into in zip(entries, (cached, scales)):
+        variable = self.variable('cache', entry)
+        variable.value = nn.with_logical_constraint(
+            write_slots(variable.value, value, positions_BT), axes)
+        into.append(variable.value)
+    return (*cached, tuple(scales))

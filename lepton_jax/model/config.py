@@ -69,6 +69,71 @@ class LoraConfig:
     return self.enabled and any(re.fullmatch(p, module_path) for p in self.patterns())
 
 
+# config.quant choices (lepton_jax/quant.py says what each computes).
+QUANT_WEIGHTS = ('none', 'int8')
+QUANT_GRANULARITIES = ('channel', 'tensor', 'group')  # Of the weights' scales.
+QUANT_ACTIVATIONS = ('none', 'int8')
+QUANT_ACTIVATION_GRANULARITIES = ('token', 'tensor')
+QUANT_KV_CACHES = ('none', 'int8')
+QUANT_KERNELS = ('auto', 'xla', 'pallas')  # lepton_jax/kernels/int8_matmul.py IMPLEMENTATIONS.
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """Post-training int8 quantization (config.quant): of which weights, how, and of the KV cache.
+
+  A quantized Dense keeps no float kernel: its `quant` collection holds `kernel` int8
+  [*out, *in] (the layout XLA:CPU's int8 dot runs fastest) and `scale` float32, per output
+  channel [*out], per tensor [] or per group of `group_size` consecutive inputs (the input dims
+  flattened) [*out, prod(in) // group_size]. W8A8 (activations='int8') also quantizes the Dense's
+  input per token (or per tensor) and runs an int8 x int8 -> int32 matmul.
+  """
+  weights: str = 'none'
+  granularity: str = 'channel'
+  group_size: int = 128
+  activations: str = 'none'
+  activation_granularity: str = 'token'
+  kv_cache: str = 'none'  # int8: keys and values int8 with a scale per (token, kv head).
+  embed: bool = False  # Quantize the embedding table too (per row), and a tied head with it.
+  head: bool = False  # Quantize the output head (the most sensitive matmul).
+  exclude: tuple[str, ...] = ()  # Regular expressions over Dense paths left in float.
+  kernel: str = 'auto'  # auto: Pallas on TPU and GPU, XLA elsewhere; xla | pallas force one.
+
+  @classmethod
+  def from_config(cls, quant_config: ml_collections.ConfigDict) -> 'QuantConfig':
+    fields = quant_config.to_dict()
+    return cls(**dict(fields, exclude=tuple(fields['exclude'])))
+
+  @property
+  def enabled(self) -> bool:
+    return self.weights != 'none' or self.kv_cache != 'none'
+
+  def check(self, tie_embeddings: bool) -> None:
+    """Raises a one-line ValueError naming the config.quant key of a combination that cannot run."""
+    if self.activations != 'none' and self.weights == 'none':
+      raise ValueError(f'config.quant.activations={self.activations!r} needs config.quant.weights='
+                       "'int8' (W8A8 multiplies int8 activations by int8 weights)")
+    if self.activations != 'none' and self.granularity == 'group':
+      raise ValueError("config.quant.granularity='group' is weight-only: set config.quant."
+                       "activations='none' or a 'channel' or 'tensor' granularity")
+    if self.group_size <= 0:
+      raise ValueError(f'config.quant.group_size={self.group_size}: must be positive')
+    if tie_embeddings and self.weights != 'none' and self.head != self.embed:
+      raise ValueError(f'config.quant.head={self.head} and config.quant.embed={self.embed}: with '
+                       'tied embeddings the head is the embedding table, so set both alike')
+
+  @property
+  def embeds(self) -> bool:
+    """Whether the embedding table is int8 (and with it a tied head)."""
+    return self.weights != 'none' and self.embed
+
+  def quantizes(self, module_path: str) -> bool:
+    """Whether the Dense at `module_path` ('layers_0/attn/query', 'head') holds int8 weights."""
+    if self.weights == 'none' or module_path == 'head' and not self.head:
+      return False
+    return not any(re.fullmatch(pattern, module_path) for pattern in self.exclude)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Plain values for the model; `from_config` reads them from `config.model`."""
@@ -103,9 +168,12 @@ class ModelConfig:
   param_dtype: str
   dtype: str
   lora: LoraConfig = LoraConfig()
+  quant: QuantConfig = QuantConfig()
 
   @classmethod
   def from_config(cls, model_config: ml_collections.ConfigDict,
-                  lora_config: ml_collections.ConfigDict | None = None) -> 'ModelConfig':
+                  lora_config: ml_collections.ConfigDict | None = None,
+                  quant_config: ml_collections.ConfigDict | None = None) -> 'ModelConfig':
     lora = LoraConfig.from_config(lora_config) if lora_config is not None else LoraConfig()
-    return cls(**model_config.to_dict(), lora=lora)
+    quant = QuantConfig.from_config(quant_config) if quant_config is not None else QuantConfig()
+    return cls(**model_config.to_dict(), lora=lora, quant=quant)

@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lepton_jax.model.config import LoraConfig, ModelConfig
+from lepton_jax.model import int8
+from lepton_jax.model.config import LoraConfig, ModelConfig, QuantConfig
 
 Dtype = jnp.dtype
 default_kernel_init = nn.initializers.normal(stddev=0.02)
@@ -37,7 +38,7 @@ class Dense(nn.Module):
 
   The kernel has shape (*contracted input dims, *features) and logical names
   (*in_axes, *out_axes). LoRA adapters (when `lora` targets this layer's path) and int8 weights
-  hook in here and nowhere else.
+  (when `quant` quantizes it) hook in here and nowhere else.
   """
   features: Sequence[int]
   _: dataclasses.KW_ONLY
@@ -48,21 +49,29 @@ class Dense(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernel_init: nn.initializers.Initializer = default_kernel_init
   lora: LoraConfig = LoraConfig()
+  quant: QuantConfig = QuantConfig()
   deterministic: bool = True  # False: the adapter's dropout is on (training).
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    num_in = len(self.in_axes)
+    num_in, path = len(self.in_axes), '/'.join(self.path)
     in_shape = x.shape[-num_in:]
-    kernel = self.param(
-        'kernel',
-        nn.with_logical_partitioning(self.kernel_init, (*self.in_axes, *self.out_axes)),
-        (*in_shape, *self.features), self.param_dtype)
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if self.lora.adapts('/'.join(self.path)):
-      y = self._adapted(x, kernel, num_in)
+    x = x.astype(self.dtype)
+    if self.quant.quantizes(path):
+      w_int8, scale = self._int8_weight(in_shape)
+      y = int8.matmul(x, w_int8, scale, num_in, self.quant, self.dtype)
+      kernel = lambda: int8.rotate_axes(  # [*out, *in] -> [*in, *out]
+          int8.dequantize_weight(w_int8, scale, num_in, self.quant, self.dtype),
+          len(self.features))
     else:
-      y = matmul_2d(x, kernel, num_in)
+      float_kernel = self.param(
+          'kernel',
+          nn.with_logical_partitioning(self.kernel_init, (*self.in_axes, *self.out_axes)),
+          (*in_shape, *self.features), self.param_dtype).astype(self.dtype)
+      y = matmul_2d(x, float_kernel, num_in)
+      kernel = lambda: float_kernel
+    if self.lora.adapts(path):
+      y = self._adapted(x, y, kernel, in_shape)
     if self.use_bias:
       bias = self.param(
           'bias', nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.out_axes)),
@@ -70,9 +79,16 @@ class Dense(nn.Module):
       y = y + bias.astype(self.dtype)
     return y
 
-  def _adapted(self, x, kernel, num_in: int) -> jax.Array:
-    """x W + scale (dropout(x) A) B, or DoRA's rescaled form (see model/config.py LoraConfig)."""
-    lora, in_shape = self.lora, kernel.shape[:num_in]
+  def _int8_weight(self, in_shape) -> tuple[jax.Array, jax.Array]:
+    num_in = len(in_shape)
+    return int8_variables(self, 'kernel', lambda kernel: int8.rotate_axes(kernel, num_in),
+                          (*self.features, *in_shape), (*self.out_axes, *self.in_axes), num_in,
+                          self.quant)
+
+  def _adapted(self, x, y, kernel, in_shape) -> jax.Array:
+    """y + scale (dropout(x) A) B, or DoRA's rescaled form (see model/config.py LoraConfig);
+    y = x W, and `kernel()` gives W [*in, *out] (DoRA's column norms need it)."""
+    lora, num_in = self.lora, len(in_shape)
     a_init = _lora_a_init(lora, math.prod(in_shape))
     a = self.param('lora_a', nn.with_logical_partitioning(a_init, (*self.in_axes, 'lora_rank')),
                    (*in_shape, lora.rank), self.param_dtype).astype(self.dtype)
@@ -82,16 +98,49 @@ class Dense(nn.Module):
     x_dropped = nn.Dropout(lora.dropout)(x, deterministic=self.deterministic)
     delta = lora.scale * matmul_2d(matmul_2d(x_dropped, a, num_in), b, 1)
     if not lora.dora:
-      return matmul_2d(x, kernel, num_in) + delta
-    in_dims = tuple(range(num_in))
-    column_norms = lambda _: jnp.linalg.norm(kernel.astype(jnp.float32), axis=in_dims).astype(
+      return y + delta
+    in_dims, w = tuple(range(num_in)), kernel()
+    column_norms = lambda _: jnp.linalg.norm(w.astype(jnp.float32), axis=in_dims).astype(
         self.param_dtype)
     magnitude = self.param('lora_magnitude',
                            nn.with_logical_partitioning(column_norms, tuple(self.out_axes)))
-    adapted_kernel = kernel + lora.scale * matmul_2d(a, b, 1).astype(kernel.dtype)
+    adapted_kernel = w + lora.scale * matmul_2d(a, b, 1).astype(w.dtype)
     norm = jax.lax.stop_gradient(jnp.linalg.norm(adapted_kernel.astype(jnp.float32), axis=in_dims))
     rescale = (magnitude.astype(jnp.float32) / norm).astype(self.dtype)
-    return rescale * (matmul_2d(x, kernel, num_in) + delta)
+    return rescale * (y + delta)
+
+
+def int8_variables(module: nn.Module, name: str, to_out_in, shape_out_in: tuple[int, ...],
+                   names_out_in: tuple[str, ...], num_in: int,
+                   quant: QuantConfig) -> tuple[jax.Array, jax.Array]:
+  """A module's int8 weight [*out, *in] and its scale (int8.quantize_weight's): `quant` variables
+  `name` and 'scale', in place of the float param `name`.
+
+  Created from that float param (`to_out_in` puts it in [*out, *in] order) when the variables
+  applied hold it and `quant` is mutable (lepton_jax/quant.py quantizes a model so); from zeros
+  otherwise (init, whose values a checkpoint replaces).
+  """
+  num_out = len(shape_out_in) - num_in
+  if quant.granularity == 'group' and math.prod(shape_out_in[num_out:]) % quant.group_size:
+    inputs = ' x '.join(f'{name}={size}' for name, size in
+                        zip(names_out_in[num_out:], shape_out_in[num_out:]))
+    raise ValueError(f'config.quant.group_size={quant.group_size} does not divide the inputs of '
+                     f'{"/".join(module.path)} ({inputs})')
+
+  def quantized():  # Runs only where the variables are created.
+    if module.has_variable('params', name):
+      w_out_in = to_out_in(module.get_variable('params', name))
+    else:
+      w_out_in = jnp.zeros(shape_out_in, jnp.float32)
+    return int8.quantize_weight(w_out_in, num_in, quant)
+
+  scale_names = {'channel': names_out_in[:num_out], 'tensor': (),
+                 'group': (*names_out_in[:num_out], None)}[quant.granularity]
+  w_int8 = module.variable('quant', name, nn.with_logical_partitioning(
+      lambda: quantized()[0], names_out_in)).value
+  scale = module.variable('quant', 'scale', nn.with_logical_partitioning(
+      lambda: quantized()[1], scale_names)).value
+  return w_int8, scale
 
 
 def _lora_a_init(lora: LoraConfig, fan_in: int) -> nn.initializers.Initializer:
@@ -136,20 +185,35 @@ def make_norm(cfg: ModelConfig, name: str, axis_name: str = 'embed') -> Norm:
 
 
 class Embed(nn.Module):
-  """Token embedding table (V, D); `attend` is the tied output head."""
+  """Token embedding table (V, D); `attend` is the tied output head. With quant.embed the table
+  is int8 (rows are the head's output channels), in the `quant` collection."""
   vocab_size: int
   _: dataclasses.KW_ONLY
   d_model: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  quant: QuantConfig = QuantConfig()
 
   def setup(self):
-    self.embedding = self.param(
-        'embedding', nn.with_logical_partitioning(default_kernel_init, ('vocab', 'embed')),
-        (self.vocab_size, self.d_model), self.param_dtype)
+    shape, names = (self.vocab_size, self.d_model), ('vocab', 'embed')
+    if self.quant.embeds:
+      self.table_int8_VD, self.scale = int8_variables(self, 'embedding', lambda table: table,
+                                                      shape, names, 1, self.quant)
+    else:
+      self.embedding = self.param(
+          'embedding', nn.with_logical_partitioning(default_kernel_init, names), shape,
+          self.param_dtype)
 
   def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+    if self.quant.embeds:
+      rows_BTD = jnp.take(self.table_int8_VD, tokens_BT, axis=0)
+      scale = self.scale if self.quant.granularity == 'tensor' else jnp.take(
+          self.scale, tokens_BT, axis=0)
+      return int8.dequantize_weight(rows_BTD, scale, 1, self.quant, self.dtype)
     return jnp.take(self.embedding, tokens_BT, axis=0).astype(self.dtype)
 
   def attend(self, x_BTD: jax.Array) -> jax.Array:
-    return matmul_2d(x_BTD.astype(self.dtype), self.embedding.astype(self.dtype).T, 1)
+    x_BTD = x_BTD.astype(self.dtype)
+    if self.quant.embeds:
+      return int8.matmul(x_BTD, self.table_int8_VD, self.scale, 1, self.quant, self.dtype)
+    return matmul_2d(x_BTD, self.embedding.astype(self.dtype).T, 1)

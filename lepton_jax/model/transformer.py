@@ -37,8 +37,8 @@ class Mlp(nn.Module):
     cfg = self.cfg
     dense = lambda features, in_axes, out_axes, name: layers.Dense(
         (features,), in_axes=in_axes, out_axes=out_axes, use_bias=cfg.mlp_bias,
-        dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=cfg.lora, deterministic=deterministic,
-        name=name)
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=cfg.lora, quant=cfg.quant,
+        deterministic=deterministic, name=name)
     act = ACTIVATIONS[cfg.mlp]
     h_BTF = dense(cfg.d_ff, ('embed',), ('mlp',), 'up')(x_BTD)
     if cfg.mlp in GATED_MLPS:
@@ -94,7 +94,7 @@ class Transformer(nn.Module):
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
     embed = layers.Embed(cfg.vocab_size, d_model=cfg.d_model, dtype=cfg.dtype,
-                         param_dtype=cfg.param_dtype, name='embed')
+                         param_dtype=cfg.param_dtype, quant=cfg.quant, name='embed')
     x_BTD = embed(tokens_BT)
     if cfg.positions == 'learned':
       pos_table = self.param(
@@ -130,5 +130,5 @@ class Transformer(nn.Module):
     else:
       logits_BTV = layers.Dense((cfg.vocab_size,), in_axes=('embed',), out_axes=('vocab',),
                                 dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=cfg.lora,
-                                deterministic=deterministic, name='head')(x_BTD)
+                                quant=cfg.quant, deterministic=deterministic, name='head')(x_BTD)
     return logits_BTV.astype(jnp.float32)
