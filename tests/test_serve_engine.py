@@ -202,3 +202,22 @@ def test_a_failing_step_ends_its_requests_with_the_error_and_stops_admitting(mon
       engine.submit(engine_lib.Request([1], 1, emit=None))
   finally:
     engine.stop()
+
+
+def test_int8_weights_activations_and_kv_cache_serve_unchanged():
+  quant = pytest.importorskip('lepton_jax.quant')
+  from lepton_jax.model.config import QuantConfig  # pylint: disable=g-import-not-at-top
+  model, variables = tiny_model()
+  model, variables = quant.quantize(model, variables, QuantConfig(
+      weights='int8', activations='int8', kv_cache='int8'))
+  prompts = [prompt(n, seed=n) for n in (4, 19)]
+  engine = engine_lib.Engine(model, variables, stop_ids=[], max_batch=2)
+  engine.start()
+  try:
+    got = [[t.id for t in tokens] for tokens, _, _ in
+           run(engine, [engine_lib.Request(p, 6, emit=None) for p in prompts])]
+  finally:
+    engine.stop()
+  assert got == [generate.generate(model, variables, [p], 6)[0] for p in prompts]
+  cache_dtypes = {leaf.dtype for leaf in jax.tree.leaves(nn.unbox(engine._state.cache))}
+  assert np.dtype('int8') in cache_dtypes and 'quant' in engine.variables
