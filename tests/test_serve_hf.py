@@ -250,13 +250,16 @@ def test_32_clients_malformed_requests_disconnects_and_sigterm(tmp_path):
     poller.join()
     assert health and set(health) == {200}
 
-    # In flight at SIGTERM: finished, not cut off.
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-      late = [pool.submit(complete, job) for job in jobs[:2]]
-      while requests.get(url + '/health', timeout=TIMEOUT).json()['running'] == 0:
-        time.sleep(0.005)
-      process.send_signal(signal.SIGTERM)
-      assert [f.result(timeout=TIMEOUT) for f in late] == expected[:2]
+    # In flight at SIGTERM (each has drawn its first token): finished, not cut off.
+    in_flight = [i for i in range(CLIENTS) if jobs[i][1] == max(budgets)][:2]
+    streams = [client(url).completions.create(model=tmp_path.name, prompt=jobs[i][0],
+                                              max_tokens=jobs[i][1], temperature=0, stream=True)
+               for i in in_flight]
+    firsts = [next(iter(stream)).choices[0].text for stream in streams]
+    process.send_signal(signal.SIGTERM)
+    texts = [first + ''.join(c.choices[0].text for c in stream)
+             for first, stream in zip(firsts, streams)]
+    assert texts == [expected[i] for i in in_flight]
     assert process.wait(timeout=TIMEOUT) == 0
   finally:
     if process.poll() is None:
