@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lepton_jax import sharding, steps, tree
+from lepton_jax import objectives, sharding, steps, tree
 
 
 @flax.struct.dataclass
@@ -122,7 +122,8 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule:
   """`step(state, frozen, batch) -> (state, metrics)` jitted with explicit shardings; the old
   state's buffers are donated, the frozen variables only read."""
   step_fn = functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
-                              grad_accum_steps=config.grad_accum_steps, z_loss=config.z_loss,
+                              grad_accum_steps=config.grad_accum_steps,
+                              objective=objectives.from_config(config, model),
                               skip_nonfinite=config.nonfinite == 'skip')
   replicated = sharding.replicated(layout.state_shardings.step.mesh)
   return jax.jit(step_fn,

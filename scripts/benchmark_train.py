@@ -20,8 +20,8 @@ from absl import flags
 import jax
 import numpy as np
 
-from lepton_jax import cli, config_lib, data, experiment, flops, lora, sharding, steps
-from lepton_jax import train_state
+from lepton_jax import cli, config_lib, data, experiment, flops, lora, objectives, sharding
+from lepton_jax import steps, train_state
 from lepton_jax.model import ModelConfig, Transformer
 
 cli.define_flags()
@@ -44,7 +44,7 @@ def jit_part(part: str, model, config, layout: train_state.Layout, batch_shardin
   (fwd_bwd, with respect to the trainable params)."""
   def loss(trainable, frozen, batch):
     return steps.summed_loss(steps.model_variables(trainable, frozen), model, batch,
-                             jax.random.key(config.seed), config.z_loss,
+                             jax.random.key(config.seed), objectives.from_config(config, model),
                              deterministic=model.cfg.dropout == 0.0)[0]
 
   state_shardings = layout.state_shardings

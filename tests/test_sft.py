@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from lepton_jax import steps, train, train_state
+from lepton_jax import objectives, steps, train, train_state
 from lepton_jax.data import formats
 from lepton_jax.data import packing
 from lepton_jax.data import tokenizers
@@ -48,9 +48,9 @@ def as_batch(rows: packing.Rows, row_ids=None, segments=True) -> dict:
 
 def loss_sum_and_grads(model, variables, batch):
   grad_fn = jax.jit(jax.value_and_grad(
-      lambda v, b: steps.summed_loss(v, model, b, jax.random.key(0), 0.0, True), has_aux=True))
-  (loss_sum, (tokens, _)), grads = grad_fn(variables, batch)
-  return loss_sum, tokens, grads
+      lambda v, b: steps.summed_loss(v, model, b, jax.random.key(0), objectives.lm(), True), has_aux=True))
+  (loss_sum, sums), grads = grad_fn(variables, batch)
+  return loss_sum, sums['tokens'], grads
 
 
 @pytest.mark.parametrize('model_overrides', [
@@ -115,7 +115,7 @@ def test_sft_loss_is_per_loss_token_over_the_global_batch_whatever_the_accumulat
   for accum in (1, 2):
     step = jax.jit(functools.partial(
         steps.train_step, model=model, tx=tx, schedule=optax.constant_schedule(0.5),
-        grad_accum_steps=accum, z_loss=0.0, skip_nonfinite=False))
+        grad_accum_steps=accum, objective=objectives.lm(), skip_nonfinite=False))
     new_state, metrics = step(state, {}, batch)
     results[accum] = (float(metrics['train/loss']), new_state.trainable)
   expected = reference_loss(model.apply(variables, batch['inputs'], batch['positions']), batch)

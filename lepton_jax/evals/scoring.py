@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from lepton_jax import sharding, steps
+from lepton_jax import objectives, sharding
 from lepton_jax.data import tokenizers
 
 Request = tuple[list[int], list[int]]  # (context ids, continuation ids)
@@ -66,7 +66,7 @@ def bucket(length: int, max_len: int) -> int:
 @functools.partial(jax.jit, static_argnames='model')
 def _row_scores(model: nn.Module, variables, inputs_BT, targets_BT, mask_BT):
   """(sum of target log-probs under the mask, whether every masked target is the argmax) per row."""
-  loss_BT, correct_BT = steps.token_losses(model.apply(variables, inputs_BT), targets_BT, 0.0)
+  loss_BT, correct_BT = objectives.token_losses(model.apply(variables, inputs_BT), targets_BT, 0.0)
   return -(loss_BT * mask_BT).sum(-1), (correct_BT | (mask_BT == 0)).all(-1)
 
 
