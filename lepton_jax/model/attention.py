@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lepton_jax.model import int8, layers
+from lepton_jax.model import hooks, int8, layers
 from lepton_jax.model.config import ModelConfig
 
 # config.model.attention: xla = xla_attention below; dot_product = jax.nn.dot_product_attention,
@@ -117,12 +117,13 @@ def write_slots(cache_BSKH: jax.Array, x_BTKH: jax.Array, positions_BT: jax.Arra
 
 
 def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask, dropout: nn.Module, deterministic: bool,
-                  k_scale_BSK=None, v_scale_BSK=None):
+                  k_scale_BSK=None, v_scale_BSK=None, hook=None):
   """Einsum attention; query heads N are grouped over K kv heads without repeating k/v.
 
   `mask` is [T, S], the same for every row, or [B, T, S]. With scales, k and v are an int8
   cache (int8.quantize_kv's): a key's scale multiplies its logits and a value's its
   probabilities, exactly as dequantizing first would, without a float copy of the cache.
+  `hook` (hooks.bind's) sees the masked scaled logits and the probabilities as [B, N, T, S].
 
   Heads go in front once (B, K, G*T, H) so that both matmuls are plain batched matmuls over
   (B, K) with the G query heads of a kv head stacked along M. XLA:CPU otherwise fuses a transpose
@@ -142,7 +143,12 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask, dropout: nn.Module, deterministi
     logits_BKMS = logits_BKMS * k_scale_BSK.transpose(0, 2, 1)[:, :, None, :]
   mask_bMS = jnp.tile(mask, (G, 1))[..., None, :, :]  # b: B, or 1 for a [T, S] mask.
   logits_BKMS = jnp.where(mask_bMS, logits_BKMS, jnp.finfo(jnp.float32).min)
+  if hook is not None:  # (K, G * T) -> (N, T) is a reshape, as for q above.
+    logits_BKMS = hook('hook_attn_scores', logits_BKMS.reshape(B, N, T, -1)).reshape(
+        logits_BKMS.shape)
   probs_BKMS = jax.nn.softmax(logits_BKMS, axis=-1)
+  if hook is not None:
+    probs_BKMS = hook('hook_pattern', probs_BKMS.reshape(B, N, T, -1)).reshape(probs_BKMS.shape)
   if v_scale_BSK is not None:
     probs_BKMS = probs_BKMS * v_scale_BSK.transpose(0, 2, 1)[:, :, None, :]
   probs_BKMS = dropout(probs_BKMS.astype(dtype), deterministic=deterministic)
@@ -151,7 +157,12 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask, dropout: nn.Module, deterministi
 
 
 class Attention(nn.Module):
-  """Multi-head causal self-attention; num_kv_heads < num_heads gives GQA (1 gives MQA)."""
+  """Multi-head causal self-attention; num_kv_heads < num_heads gives GQA (1 gives MQA).
+
+  Hook points (model/hooks.py): hook_q, hook_k, hook_v (the projections, before qk-norm and
+  rope), hook_rot_q, hook_rot_k (after rope), hook_attn_scores, hook_pattern (xla attention
+  only), hook_z (the heads' outputs before the output projection).
+  """
   cfg: ModelConfig
 
   @nn.compact
@@ -163,19 +174,20 @@ class Attention(nn.Module):
         features, in_axes=in_axes, out_axes=out_axes, use_bias=bias, dtype=cfg.dtype,
         param_dtype=cfg.param_dtype, lora=cfg.lora, quant=cfg.quant, deterministic=deterministic,
         name=name)
-    q_BTNH = dense((cfg.num_heads, cfg.head_dim), ('embed',), ('heads', 'head_dim'),
-                   cfg.qkv_bias, 'query')(x_BTD)
-    k_BTKH = dense((cfg.num_kv_heads, cfg.head_dim), ('embed',), ('kv_heads', 'head_dim'),
-                   cfg.qkv_bias, 'key')(x_BTD)
-    v_BTKH = dense((cfg.num_kv_heads, cfg.head_dim), ('embed',), ('kv_heads', 'head_dim'),
-                   cfg.qkv_bias, 'value')(x_BTD)
+    hook = lambda name, x: hooks.point(self, name, x)
+    q_BTNH = hook('hook_q', dense((cfg.num_heads, cfg.head_dim), ('embed',), ('heads', 'head_dim'),
+                                  cfg.qkv_bias, 'query')(x_BTD))
+    k_BTKH = hook('hook_k', dense((cfg.num_kv_heads, cfg.head_dim), ('embed',),
+                                  ('kv_heads', 'head_dim'), cfg.qkv_bias, 'key')(x_BTD))
+    v_BTKH = hook('hook_v', dense((cfg.num_kv_heads, cfg.head_dim), ('embed',),
+                                  ('kv_heads', 'head_dim'), cfg.qkv_bias, 'value')(x_BTD))
     if cfg.qk_norm:
       norm = lambda name: layers.make_norm(cfg, name, axis_name='head_dim')
       q_BTNH, k_BTKH = norm('query_norm')(q_BTNH), norm('key_norm')(k_BTKH)
     if cfg.positions == 'rope':
       inv_freq_h = rope_frequencies(cfg)
-      q_BTNH = rope(q_BTNH, positions_BT, inv_freq_h)
-      k_BTKH = rope(k_BTKH, positions_BT, inv_freq_h)
+      q_BTNH = hook('hook_rot_q', rope(q_BTNH, positions_BT, inv_freq_h))
+      k_BTKH = hook('hook_rot_k', rope(k_BTKH, positions_BT, inv_freq_h))
     q_BTNH = nn.with_logical_constraint(q_BTNH, ('batch', 'length', 'act_heads', 'head_dim'))
 
     if isinstance(cache, Decode):
@@ -187,6 +199,7 @@ class Attention(nn.Module):
       if isinstance(cache, Prefill):
         self.fill_cache(k_BTKH, v_BTKH, cache)
       out_BTNH = self.self_attention(q_BTNH, k_BTKH, v_BTKH, deterministic, segment_ids_BT)
+    out_BTNH = hook('hook_z', out_BTNH)
     return dense((x_BTD.shape[-1],), ('heads', 'head_dim'), ('embed',), cfg.out_bias,
                  'out')(out_BTNH)
 
@@ -207,10 +220,10 @@ class Attention(nn.Module):
       if cfg.attention == 'dot_product':
         return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_BTT[:, None])
       return xla_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTT, nn.Dropout(cfg.dropout),
-                           deterministic)
+                           deterministic, hook=hooks.bind(self))
     if cfg.attention == 'xla':
       return xla_attention(q_BTNH, k_BTKH, v_BTKH, causal_mask(T, T, cfg.sliding_window),
-                           nn.Dropout(cfg.dropout), deterministic)
+                           nn.Dropout(cfg.dropout), deterministic, hook=hooks.bind(self))
     window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
     return jax.nn.dot_product_attention(
         q_BTNH, k_BTKH, v_BTKH, is_causal=True, local_window_size=window,

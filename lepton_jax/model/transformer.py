@@ -10,8 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lepton_jax.model import layers
-from lepton_jax.model import attention
+from lepton_jax.model import attention, hooks, layers
 from lepton_jax.model.config import ModelConfig
 
 REMAT_POLICIES = {
@@ -29,7 +28,11 @@ DTYPES = ('float32', 'bfloat16')  # for param_dtype and the compute dtype.
 
 
 class Mlp(nn.Module):
-  """Feed-forward: act(x W_up) W_down, or act(x W_gate) * (x W_up) W_down when gated."""
+  """Feed-forward: act(x W_up) W_down, or act(x W_gate) * (x W_up) W_down when gated.
+
+  Hook points as TransformerLens's: hook_pre (act's input: x W_gate when gated, else x W_up),
+  hook_pre_linear (x W_up when gated), hook_post (what W_down multiplies).
+  """
   cfg: ModelConfig
 
   @nn.compact
@@ -39,19 +42,26 @@ class Mlp(nn.Module):
         (features,), in_axes=in_axes, out_axes=out_axes, use_bias=cfg.mlp_bias,
         dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=cfg.lora, quant=cfg.quant,
         deterministic=deterministic, name=name)
-    act = ACTIVATIONS[cfg.mlp]
-    h_BTF = dense(cfg.d_ff, ('embed',), ('mlp',), 'up')(x_BTD)
-    if cfg.mlp in GATED_MLPS:
-      h_BTF = act(dense(cfg.d_ff, ('embed',), ('mlp',), 'gate')(x_BTD)) * h_BTF
+    act, gated = ACTIVATIONS[cfg.mlp], cfg.mlp in GATED_MLPS
+    hook = lambda name, x: hooks.point(self, name, x)
+    h_BTF = hook('hook_pre_linear' if gated else 'hook_pre',
+                 dense(cfg.d_ff, ('embed',), ('mlp',), 'up')(x_BTD))
+    if gated:
+      h_BTF = act(hook('hook_pre', dense(cfg.d_ff, ('embed',), ('mlp',), 'gate')(x_BTD))) * h_BTF
     else:
       h_BTF = act(h_BTF)
+    h_BTF = hook('hook_post', h_BTF)
     h_BTF = nn.with_logical_constraint(h_BTF, ('batch', 'length', 'act_mlp'))
     h_BTF = nn.Dropout(cfg.dropout)(h_BTF, deterministic=deterministic)
     return dense(cfg.d_model, ('mlp',), ('embed',), 'down')(h_BTF)
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+  Hook points: hook_resid_pre, ln1.hook_normalized (attention's input), hook_attn_out,
+  hook_resid_mid, ln2.hook_normalized, hook_mlp_out, hook_resid_post.
+  """
   cfg: ModelConfig
   _: dataclasses.KW_ONLY
   deterministic: bool
@@ -62,14 +72,20 @@ class Block(nn.Module):
                segment_ids_BT: jax.Array | None = None):
     cfg = self.cfg
     norm = lambda name: layers.make_norm(cfg, name)
+    hook = lambda name, x: hooks.point(self, name, x)
     residual_dropout = nn.Dropout(cfg.dropout)
-    h_BTD = attention.Attention(cfg, name='attn')(norm('attn_norm')(x_BTD), positions_BT,
-                                                  self.deterministic, cache, segment_ids_BT)
-    x_BTD = x_BTD + residual_dropout(h_BTD, deterministic=self.deterministic)
-    h_BTD = Mlp(cfg, name='mlp')(norm('mlp_norm')(x_BTD), self.deterministic)
-    x_BTD = x_BTD + residual_dropout(h_BTD, deterministic=self.deterministic)
+    x_BTD = hook('hook_resid_pre', x_BTD)
+    h_BTD = attention.Attention(cfg, name='attn')(
+        hook('ln1.hook_normalized', norm('attn_norm')(x_BTD)), positions_BT, self.deterministic,
+        cache, segment_ids_BT)
+    x_BTD = x_BTD + residual_dropout(hook('hook_attn_out', h_BTD), deterministic=self.deterministic)
+    x_BTD = hook('hook_resid_mid', x_BTD)
+    h_BTD = Mlp(cfg, name='mlp')(hook('ln2.hook_normalized', norm('mlp_norm')(x_BTD)),
+                                 self.deterministic)
+    x_BTD = x_BTD + residual_dropout(hook('hook_mlp_out', h_BTD), deterministic=self.deterministic)
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'act_embed'))
-    return x_BTD, None  # (carry, output) so the block also works under nn.scan.
+    # (carry, output) so the block also works under nn.scan.
+    return hook('hook_resid_post', x_BTD), None
 
 
 class Transformer(nn.Module):
@@ -80,6 +96,10 @@ class Transformer(nn.Module):
   With `cache` (applied with mutable=['cache']), the `cache` collection is the KV cache
   (attention.py): `attention.Prefill` fills it from right-padded prompts and returns only each
   prompt's last logits, [B, 1, V]; `attention.Decode` runs tokens [B, 1] at positions_BT through it.
+
+  Hook points (model/hooks.py; lepton_jax.interpret reads them): hook_embed, hook_pos_embed
+  (learned positions), those of each block, ln_final.hook_normalized (the final norm's output),
+  unembed.hook_out (the logits).
   """
   cfg: ModelConfig
 
@@ -93,15 +113,16 @@ class Transformer(nn.Module):
       raise ValueError('segment ids are for training on packed rows, not for a KV cache')
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-    embed = layers.Embed(cfg.vocab_size, d_model=cfg.d_model, dtype=cfg.dtype,
-                         param_dtype=cfg.param_dtype, quant=cfg.quant, name='embed')
-    x_BTD = embed(tokens_BT)
+    hook = lambda name, x: hooks.point(self, name, x)
+    embed = embedding(cfg)
+    x_BTD = hook('hook_embed', embed(tokens_BT))
     if cfg.positions == 'learned':
       pos_table = self.param(
           'pos_embedding', nn.with_logical_partitioning(layers.default_kernel_init,
                                                         (None, 'embed')),
           (cfg.max_seq_len, cfg.d_model), cfg.param_dtype)
-      x_BTD = x_BTD + jnp.take(pos_table, positions_BT, axis=0).astype(cfg.dtype)
+      x_BTD = x_BTD + hook('hook_pos_embed',
+                           jnp.take(pos_table, positions_BT, axis=0).astype(cfg.dtype))
     x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'act_embed'))
 
@@ -124,11 +145,24 @@ class Transformer(nn.Module):
     if isinstance(cache, attention.Prefill):  # The head only where the next token is drawn.
       last_B11 = (cache.lengths_B - 1)[:, None, None]
       x_BTD = jnp.take_along_axis(x_BTD, last_B11, axis=1)
-    x_BTD = layers.make_norm(cfg, 'final_norm')(x_BTD)
-    if cfg.tie_embeddings:
-      logits_BTV = embed.attend(x_BTD)
-    else:
-      logits_BTV = layers.Dense((cfg.vocab_size,), in_axes=('embed',), out_axes=('vocab',),
-                                dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=cfg.lora,
-                                quant=cfg.quant, deterministic=deterministic, name='head')(x_BTD)
+    x_BTD = hook('ln_final.hook_normalized', layers.make_norm(cfg, 'final_norm')(x_BTD))
+    logits_BTV = hook('unembed.hook_out', head(cfg, embed, x_BTD, deterministic))
     return logits_BTV.astype(jnp.float32)
+
+
+def embedding(cfg: ModelConfig) -> layers.Embed:
+  """The token embedding table, 'embed' (tied, also the output head)."""
+  return layers.Embed(cfg.vocab_size, d_model=cfg.d_model, dtype=cfg.dtype,
+                      param_dtype=cfg.param_dtype, quant=cfg.quant, name='embed')
+
+
+def head(cfg: ModelConfig, embed: layers.Embed, x_BTD: jax.Array,
+         deterministic: bool = True) -> jax.Array:
+  """The output head, the final norm's output -> logits: `embed` tied, else the Dense 'head'.
+  A function of its own (called in a compact method) so that interpret's logit lens reads
+  residuals through the same layers."""
+  if cfg.tie_embeddings:
+    return embed.attend(x_BTD)
+  return layers.Dense((cfg.vocab_size,), in_axes=('embed',), out_axes=('vocab',), dtype=cfg.dtype,
+                      param_dtype=cfg.param_dtype, lora=cfg.lora, quant=cfg.quant,
+                      deterministic=deterministic, name='head')(x_BTD)
