@@ -1,7 +1,7 @@
 """Test-process setup: 8 simulated CPU devices and a persistent XLA compilation cache; a fake gs://;
 and the helpers tests share (`tiny_config`, `override`, `read_metrics`, `TEXT`, and for Hugging Face
-tests `save_tiny_hf_llama`, `save_tiny_chat_tokenizer`, `finetune_config`): tests import them from
-here, never from each other.
+tests `save_tiny_hf_llama`, `save_tiny_hf_models`, `save_tiny_chat_tokenizer`, `finetune_config`):
+tests import them from here, never from each other.
 
 Many tests train the same tiny model; the cache lets every run after the first skip compilation
 (keys include the HLO and the jax version, so a changed model never hits a stale entry).
@@ -93,6 +93,56 @@ def save_tiny_hf_llama(directory, seed: int = 0) -> None:
       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0,
       eos_token_id=1, rope_parameters={'rope_type': 'default', 'rope_theta': 5000.0})
   transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+
+
+HF_VOCAB = 96
+# One tiny random model of every family hf.load reads: GQA, untied heads, non-default rope_theta
+# and norm eps everywhere; the family's own feature each.
+TINY_HF_MODELS = ('llama', 'llama3.1', 'llama_bias_tied', 'mistral', 'qwen2', 'qwen3', 'gpt2')
+
+
+def tiny_hf_config(name: str):
+  """The transformers config of TINY_HF_MODELS' `name`. Needs the hf extra."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  decoder = dict(vocab_size=HF_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                 max_position_embeddings=64,
+                 rope_parameters={'rope_type': 'default', 'rope_theta': 5000.0})
+  llama3_rope = {'rope_type': 'llama3', 'rope_theta': 5000.0, 'factor': 8.0,
+                 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                 'original_max_position_embeddings': 16}
+  return {
+      'llama': lambda: transformers.LlamaConfig(**decoder),
+      'llama3.1': lambda: transformers.LlamaConfig(
+          **dict(decoder, max_position_embeddings=128, rope_parameters=llama3_rope)),
+      'llama_bias_tied': lambda: transformers.LlamaConfig(
+          **decoder, attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+      'mistral': lambda: transformers.MistralConfig(**decoder, sliding_window=5),
+      'qwen2': lambda: transformers.Qwen2Config(**decoder),
+      'qwen3': lambda: transformers.Qwen3Config(**decoder, head_dim=12),
+      'gpt2': lambda: transformers.GPT2Config(vocab_size=HF_VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                              n_positions=64, layer_norm_epsilon=1e-4),
+  }[name]()
+
+
+def save_tiny_hf_models(root: pathlib.Path) -> dict[str, pathlib.Path]:
+  """Every TINY_HF_MODELS model, random (seed 0) with non-trivial norm weights and biases, so that
+  a mapping that drops one cannot pass, saved under `root`: name -> directory."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  dirs = {}
+  for name in TINY_HF_MODELS:
+    model = transformers.AutoModelForCausalLM.from_config(tiny_hf_config(name)).eval()
+    with torch.no_grad():
+      for param_name, param in model.named_parameters():
+        if ('norm' in param_name or 'ln_' in param_name) and param_name.endswith('weight'):
+          param.copy_(1 + 0.2 * torch.randn_like(param))
+        elif param_name.endswith('bias'):
+          param.copy_(0.1 * torch.randn_like(param))
+    dirs[name] = root / name
+    model.save_pretrained(dirs[name])
+  return dirs
 
 
 CHAT_SPECIAL_TOKENS = ('<|begin_of_text|>', '<|start_header_id|>', '<|end_header_id|>',

@@ -10,53 +10,18 @@ import pytest
 
 from lepton_jax import config_lib, hf, sharding
 from lepton_jax.model import ModelConfig, Transformer
+from tests.conftest import HF_VOCAB, TINY_HF_MODELS, save_tiny_hf_models
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-VOCAB = 96
-DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-               max_position_embeddings=64,
-               rope_parameters={'rope_type': 'default', 'rope_theta': 5000.0})
-LLAMA3_ROPE = {'rope_type': 'llama3', 'rope_theta': 5000.0, 'factor': 8.0, 'low_freq_factor': 1.0,
-               'high_freq_factor': 4.0, 'original_max_position_embeddings': 16}
-# GQA, untied heads, non-default rope_theta and norm eps everywhere; the family's own feature each.
-CONFIGS = {
-    'llama': lambda: transformers.LlamaConfig(**DECODER),
-    'llama3.1': lambda: transformers.LlamaConfig(
-        **dict(DECODER, max_position_embeddings=128, rope_parameters=LLAMA3_ROPE)),
-    'llama_bias_tied': lambda: transformers.LlamaConfig(
-        **DECODER, attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
-    'mistral': lambda: transformers.MistralConfig(**DECODER, sliding_window=5),
-    'qwen2': lambda: transformers.Qwen2Config(**DECODER),
-    'qwen3': lambda: transformers.Qwen3Config(**DECODER, head_dim=12),
-    'gpt2': lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
-                                            n_positions=64, layer_norm_epsilon=1e-4),
-}
+VOCAB = HF_VOCAB
 T = 40  # Beyond Mistral's window and Llama 3.1's original_max_position_embeddings here.
-
-
-def _randomize(model) -> None:
-  """Non-trivial norm weights and biases, so a mapping that drops one cannot pass."""
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      if ('norm' in name or 'ln_' in name) and name.endswith('weight'):
-        param.copy_(1 + 0.2 * torch.randn_like(param))
-      elif name.endswith('bias'):
-        param.copy_(0.1 * torch.randn_like(param))
 
 
 @pytest.fixture(scope='module')
 def hf_dirs(tmp_path_factory):
-  torch.manual_seed(0)
-  dirs = {}
-  for name, make_config in CONFIGS.items():
-    model = transformers.AutoModelForCausalLM.from_config(make_config()).eval()
-    _randomize(model)
-    dirs[name] = tmp_path_factory.mktemp(name)
-    model.save_pretrained(dirs[name])
-  return dirs
+  return save_tiny_hf_models(tmp_path_factory.mktemp('hf'))
 
 
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, T))
@@ -72,7 +37,7 @@ def lepton_logits(model, variables, tokens=TOKENS) -> np.ndarray:
   return np.asarray(model.apply(variables, jnp.asarray(tokens)))
 
 
-@pytest.mark.parametrize('name', list(CONFIGS))
+@pytest.mark.parametrize('name', TINY_HF_MODELS)
 def test_load_then_save_equals_transformers(hf_dirs, tmp_path, name):
   reference = hf_logits(hf_dirs[name])
   model, variables = hf.load(str(hf_dirs[name]))
