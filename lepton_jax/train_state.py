@@ -104,15 +104,19 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, se
   given = variables or {}
 
   def init(given):
-    # The random values that `given` replaces are dead code to XLA: never computed.
-    random = nn.unbox(model.init(params_key, jnp.zeros((1, seq_len), jnp.int32)))
-    trainable, frozen = layout.split(tree.merge(given, tree.partition(
-        random, tree.map_with_names(lambda name, _: name not in given_names, random))[0]))
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    if given:
+      # What `given` lacks (a LoRA run's new adapters) is created by its initializer with the
+      # given variables in place, so DoRA's magnitudes are the norms of the loaded kernels.
+      _, variables = model.apply(given, tokens, rngs={'params': params_key},
+                                 mutable=list(layout.variables))
+    else:
+      variables = model.init(params_key, tokens)
+    trainable, frozen = layout.split(nn.unbox(variables))
     state = TrainState(step=jnp.int32(0), trainable=trainable, opt_state=tx.init(trainable),
                        rng=jax.random.key_data(dropout_key))
     return state, frozen
 
-  given_names = set(tree.names(given))
   return jax.jit(init, in_shardings=(tree.select(layout.variable_shardings, given),),
                  out_shardings=(layout.state_shardings, layout.frozen_shardings))(given)
 
