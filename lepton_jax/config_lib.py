@@ -40,6 +40,8 @@ FSDP_TENSOR_RULES = FSDP_RULES + TENSOR_RULES[1:]
 RULE_SETS = {'fsdp': FSDP_RULES + UNSPLIT, 'tensor': TENSOR_RULES + UNSPLIT,
              'fsdp_tensor': FSDP_TENSOR_RULES + UNSPLIT}
 DEFAULT_RULES = RULE_SETS['fsdp_tensor']
+# Written into every workdir by lepton-train (and into int8 checkpoints): the resolved config.
+RUN_CONFIG = 'config.json'
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -131,9 +133,10 @@ def base_config() -> ml_collections.ConfigDict:
       plus_ratio=1.0,  # LoRA+: B's learning rate / A's (the paper suggests ~16).
   ))
 
-  # Post-training int8 quantization (lepton_jax/quant.py), applied when a model is loaded for
-  # evaluation, sampling, generation or export (scripts/quantize.py writes an int8 checkpoint);
-  # a trained run's checkpoint is never modified.
+  # int8 quantization (lepton_jax/quant.py), applied when a model is loaded for evaluation,
+  # sampling, generation or export (scripts/quantize.py writes an int8 checkpoint); a trained
+  # run's checkpoint is never modified. In lepton-train: the frozen base of a LoRA run started
+  # from config.init_from (QLoRA), or with qat, the scheme the float weights train through.
   config.quant = ml_collections.ConfigDict(dict(
       weights='none',  # none | int8: every Dense but the output head, unless excluded.
       granularity='channel',  # Of the weight scales: channel | tensor | group.
@@ -145,6 +148,9 @@ def base_config() -> ml_collections.ConfigDict:
       head=False,  # The output head too (the most sensitive matmul).
       exclude=(),  # Regular expressions over Dense paths ('layers_0/mlp/down') left in float.
       kernel='auto',  # auto: Pallas on TPU and GPU, XLA elsewhere | xla | pallas
+      # Quantization-aware training: lepton-train trains the float weights through the int8
+      # scheme above (straight-through gradients); loading the run quantizes them to it.
+      qat=False,
   ))
 
   config.data = ml_collections.ConfigDict(dict(

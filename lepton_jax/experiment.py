@@ -32,7 +32,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, same_split: bool,
                                          config.lora, config.quant)
   model = Transformer(model_config)
   variables = sharding.unbox_abstract(train_state.boxed_variables(model, config.seq_len))
-  lora.check_targets(model_config.lora, variables['params'], model_config.tie_embeddings)
+  lora.check_targets(model_config.lora, variables, model_config.tie_embeddings)
   trainable = lora.trainable_patterns(config)
   mask = train_state.trainable_mask(variables['params'], trainable)
   meta = checkpoint.describe(variables, mask)
@@ -59,6 +59,6 @@ def save_run_config(config: ml_collections.ConfigDict, run: Experiment, workdir:
   resolved.model.update({k: v for k, v in dataclasses.asdict(run.model_config).items()
                          if k not in ('lora', 'quant')})  # Those keep their own groups.
   resolved.data.tokenizer_path = run.tokenizer.path or config.data.tokenizer_path
-  path = epath.Path(workdir) / pretrained.RUN_CONFIG
+  path = epath.Path(workdir) / config_lib.RUN_CONFIG
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(resolved.to_json_best_effort(indent=2))

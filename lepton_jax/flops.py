@@ -67,13 +67,18 @@ def matmul_params(model_config: ModelConfig) -> int:
   return model_config.num_layers * per_layer + lm_head + lora_params(model_config)
 
 
-def frozen_matmul_params(params, trainable_mask, tie_embeddings: bool) -> int:
-  """Matmul weights among `params` (abstract or real) that do not train: kernels, and the
-  embedding table when it is the tied head. Their weight gradients are never computed."""
+def frozen_matmul_params(variables, trainable_mask, tie_embeddings: bool) -> int:
+  """Matmul weights among `variables` (abstract or real) that do not train: kernels (int8 ones
+  of a QLoRA base included), and the embedding table when it is the tied head. Their weight
+  gradients are never computed. `trainable_mask` is over variables['params']."""
   matmul = (r'(.*/)?kernel',) + ((r'(.*/)?embedding',) if tie_embeddings else ())
-  return sum(leaf.size for name, leaf, trains in zip(
+  params, int8 = variables['params'], variables.get('quant', {})
+  frozen_float = sum(leaf.size for name, leaf, trains in zip(
       tree.names(params), jax.tree.leaves(params), jax.tree.leaves(trainable_mask))
-             if not trains and tree.matches(matmul, name))
+                     if not trains and tree.matches(matmul, name))
+  return frozen_float + sum(leaf.size for name, leaf in zip(tree.names(int8),
+                                                           jax.tree.leaves(int8))
+                            if tree.matches(matmul, name))
 
 
 def mean_attended_keys(seq_len: int, sliding_window: int = 0) -> float:

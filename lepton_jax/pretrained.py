@@ -15,11 +15,9 @@ from etils import epath
 import jax
 import ml_collections
 
-from lepton_jax import checkpoint, config_lib, lora, tree
+from lepton_jax import checkpoint, config_lib, lora, quant, train_state, tree
 from lepton_jax.model import Transformer
-from lepton_jax.model.config import ARCHITECTURE_FIELDS, LoraConfig
-
-RUN_CONFIG = 'config.json'  # Written into every workdir by lepton-train: the resolved config.
+from lepton_jax.model.config import ARCHITECTURE_FIELDS, LoraConfig, QuantConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +40,7 @@ def parse(init_from: str) -> Source:
 
 
 def _read_run_config(path: str) -> ml_collections.ConfigDict:
-  file = epath.Path(path) / RUN_CONFIG
+  file = epath.Path(path) / config_lib.RUN_CONFIG
   if not file.exists():
     raise FileNotFoundError(f'{file} does not exist: config.init_from=workdir:{path} needs a run '
                             'trained by lepton-train (which writes it)')
@@ -81,14 +79,31 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def load_variables(config: ml_collections.ConfigDict, model, abstract_variables: dict) -> dict:
   """The source's values of the leaves of `abstract_variables` (with shardings: where they go)
-  that are not LoRA adapters: a LoRA run's adapters are new, its base comes from the source."""
+  that are not LoRA adapters: a LoRA run's adapters are new, its base comes from the source.
+
+  An int8 base (config.quant.weights, QLoRA) is the source's float weights quantized as `model`
+  says (lepton_jax/quant.py), which gives the same bits at every load: a resumed run's base
+  matches its checkpoints' fingerprint.
+  """
   wanted = dict(abstract_variables, params=lora.base_of(abstract_variables.get('params', {})))
-  source = parse(config.init_from)
+  mesh, rules = jax.tree.leaves(abstract_variables)[0].sharding.mesh, config.mesh.rules
+  float_model = Transformer(dataclasses.replace(model.cfg, lora=LoraConfig(), quant=QuantConfig()))
+  quantized = float_model.cfg != dataclasses.replace(model.cfg, lora=LoraConfig())
+  if quantized:
+    float_wanted = checkpoint.abstract_like(*train_state.abstract_variables(float_model, mesh,
+                                                                             rules, 1))
+  variables = _source_variables(parse(config.init_from), float_model,
+                                float_wanted if quantized else wanted, mesh, rules)
+  if quantized:
+    _, variables = quant.quantize(float_model, variables, model.cfg.quant, mesh, rules)
+  return tree.select(variables, wanted)
+
+
+def _source_variables(source: Source, float_model: Transformer, wanted: dict, mesh,
+                      rules) -> dict:
   if source.kind == 'hf':
     from lepton_jax import hf
-    mesh = jax.tree.leaves(abstract_variables)[0].sharding.mesh
-    base_model = Transformer(dataclasses.replace(model.cfg, lora=LoraConfig()))
-    return tree.select(hf.load_variables(source.path, base_model, mesh, config.mesh.rules), wanted)
+    return tree.select(hf.load_variables(source.path, float_model, mesh, rules), wanted)
   checkpointer = checkpoint.Checkpointer(source.path, read_only=True)
   try:
     step = source.step if source.step is not None else checkpointer.latest_step()
@@ -98,4 +113,3 @@ def load_variables(config: ml_collections.ConfigDict, model, abstract_variables:
     return checkpointer.restore_variables(step, wanted)
   finally:
     checkpointer.close()
-

@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lepton_jax import checkpoint, sharding, tree
-from lepton_jax.pretrained import RUN_CONFIG
+from lepton_jax import checkpoint, config_lib, sharding, tree
 from lepton_jax.model import Transformer
 from lepton_jax.model.config import ARCHITECTURE_FIELDS, QuantConfig
 
@@ -49,6 +48,8 @@ def quantize(model: Transformer, variables: dict, quant: QuantConfig, mesh=None,
   takes only the runtime fields of `quant`; other weight fields are refused."""
   cfg = model.cfg
   quant.check(cfg.tie_embeddings)
+  # A run trained with qat loads as the int8 model its float weights trained through.
+  quant = dataclasses.replace(quant, qat=False)
   quantized = dataclasses.replace(model, cfg=dataclasses.replace(cfg, quant=quant))
   if weight_fields(quant) == weight_fields(cfg.quant):
     return quantized, variables
@@ -87,11 +88,24 @@ def float_bytes(variables: dict, dtype) -> int:
 
 def read_quantized_config(workdir: str) -> ml_collections.ConfigDict | None:
   """DIR/config.json of an int8 checkpoint, or None where `workdir` is not one."""
-  file = epath.Path(workdir) / RUN_CONFIG
+  file = epath.Path(workdir) / config_lib.RUN_CONFIG
   if not file.exists():
     return None
   saved = json.loads(file.read_text())
   return ml_collections.ConfigDict(saved) if 'quantized_from' in saved else None
+
+
+def stored_weight_fields(workdir: str) -> dict:
+  """The int8 weight fields of what `workdir`'s checkpoints hold: an int8 checkpoint's, or those
+  of the int8 base a QLoRA run trained over; {} where they hold float weights."""
+  file = epath.Path(workdir) / config_lib.RUN_CONFIG
+  if not file.exists():
+    return {}
+  saved = json.loads(file.read_text()).get('quant', {})
+  if saved.get('weights', 'none') == 'none' or saved.get('qat', False):
+    return {}
+  return {field: tuple(saved[field]) if isinstance(saved[field], list) else saved[field]
+          for field in WEIGHT_FIELDS}
 
 
 def resolve(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -154,4 +168,4 @@ def save(out: str, config: ml_collections.ConfigDict, model: Transformer, variab
   checkpointer = checkpoint.Checkpointer(out)
   checkpointer.save_variables(0, variables, checkpoint.describe(variables, all_params))
   checkpointer.close()
-  (out_dir / RUN_CONFIG).write_text(saved.to_json_best_effort(indent=2))
+  (out_dir / config_lib.RUN_CONFIG).write_text(saved.to_json_best_effort(indent=2))

@@ -23,10 +23,11 @@ def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = Non
   if not (epath.Path(workdir) / 'checkpoints').is_dir():  # Local or gs://, as orbax writes.
     raise FileNotFoundError(f'{workdir} holds no checkpoints; train there first '
                             f'(lepton-train --workdir={workdir}).')
-  # The checkpoint's own weights (float for a trained run), quantized below if config.quant asks.
+  # The checkpoint's own weights (float for a trained run but a QLoRA one), quantized below if
+  # config.quant asks.
   stored = ml_collections.ConfigDict(config.to_dict())
-  if quant.read_quantized_config(workdir) is None:
-    stored.quant = config_lib.base_config().quant
+  stored.quant = config_lib.base_config().quant
+  stored.quant.update(quant.stored_weight_fields(workdir))
   # The run's own tokenizer: one trained now for other data settings would not match the model.
   run = experiment.build(stored, workdir, same_split=False, train_tokenizer=False)
   available = run.checkpointer.all_steps()

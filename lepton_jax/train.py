@@ -77,14 +77,33 @@ class NonFiniteGuard:
                                f'(config.max_consecutive_skips={self.max_consecutive}; {values})')
 
 
+def check_int8_training(quant: ml_collections.ConfigDict, lora: ml_collections.ConfigDict,
+                        init_from: str) -> None:
+  """What config.quant can mean in training: int8 weights either fake-quantized (qat) or frozen
+  under LoRA adapters (QLoRA); else they are applied when a trained model is loaded."""
+  if quant.weights == 'none' or quant.qat:
+    return
+  if not (lora.targets and init_from):
+    raise ValueError(f'config.quant.weights={quant.weights!r} trains LoRA adapters over an int8 '
+                     'base (QLoRA): set config.lora.targets and config.init_from; or '
+                     'config.quant.qat=True to train the float weights through int8; or train in '
+                     'float and quantize when loading (scripts/quantize.py, lepton-eval)')
+  if quant.activations != 'none':
+    raise ValueError(f'config.quant.activations={quant.activations!r}: int8 activations have '
+                     'no gradient, so a QLoRA base runs weight-only; W8A8 trains with '
+                     'config.quant.qat=True')
+  if quant.kernel == 'pallas':
+    raise ValueError("config.quant.kernel='pallas': the Pallas int8 kernels have no gradient "
+                     "rule; QLoRA trains with 'xla' ('auto' picks it in training)")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Runs (or resumes) the experiment; returns the last logged metrics."""
   config = pretrained.resolve(config)
   config_lib.validate(config)
-  if config.quant.weights != 'none':
-    raise ValueError(f'config.quant.weights={config.quant.weights!r}: int8 weights are for a '
-                     'trained model, applied when it is loaded (scripts/quantize.py, '
-                     'scripts/sample.py, lepton-eval); train in float')
+  check_int8_training(config.quant, config.lora, config.init_from)
+  if config.quant.weights != 'none' and not config.quant.qat:
+    config.quant.kernel = 'xla'  # A copy (init_from is set): the differentiable int8 matmul.
   is_coordinator = distributed.is_coordinator()
   mesh = sharding.make_mesh(config.mesh)
   rules = config.mesh.rules
@@ -110,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   with sharding.use_mesh(mesh, rules):
     layout = train_state.make_layout(model, tx, mesh, rules, config.seq_len, run.trainable)
-    frozen_matmuls = flops.frozen_matmul_params(layout.variables['params'], layout.trainable_mask,
+    frozen_matmuls = flops.frozen_matmul_params(layout.variables, layout.trainable_mask,
                                                 run.model_config.tie_embeddings)
     flops_per_token = flops.train_flops_per_token(run.model_config, config.seq_len, frozen_matmuls)
     batch_sharding = sharding.batch_sharding(mesh, rules)

@@ -12,7 +12,7 @@ from lepton_jax import config_lib
 from lepton_jax import flops
 from lepton_jax import lora, train_state
 from lepton_jax.model import ModelConfig, Transformer
-from lepton_jax.model.config import LoraConfig
+from lepton_jax.model.config import LoraConfig, QuantConfig
 
 
 def make_model_config(**overrides) -> ModelConfig:
@@ -191,12 +191,18 @@ def test_mfu():
 def test_lora_on_a_frozen_base_counts_adapters_and_no_base_weight_gradients():
   base = make_model_config()
   adapted = dataclasses.replace(base, lora=LoraConfig(targets=('all-linear',), rank=4))
-  params = nn.unbox(train_state.boxed_variables(Transformer(adapted), 8))['params']
+  variables = nn.unbox(train_state.boxed_variables(Transformer(adapted), 8))
+  params = variables['params']
   adapters = sum(x.size for x in jax.tree.leaves(lora.adapter_of(params)))
   assert flops.lora_params(adapted) == adapters  # Every adapter weight, counted from shapes.
   mask = train_state.trainable_mask(params, lora.ADAPTERS)
-  frozen = flops.frozen_matmul_params(params, mask, adapted.tie_embeddings)
+  frozen = flops.frozen_matmul_params(variables, mask, adapted.tie_embeddings)
   assert frozen == flops.matmul_params(base)  # Every base matmul weight (the head included).
+  # Over an int8 base (QLoRA) the same weights are frozen, as int8 kernels.
+  qlora = dataclasses.replace(adapted, quant=QuantConfig(weights='int8'))
+  int8_variables = nn.unbox(train_state.boxed_variables(Transformer(qlora), 8))
+  int8_mask = train_state.trainable_mask(int8_variables['params'], lora.ADAPTERS)
+  assert flops.frozen_matmul_params(int8_variables, int8_mask, qlora.tie_embeddings) == frozen
   seq_len = 64
   full = flops.train_flops_per_token(base, seq_len)
   expected = full + 6 * adapters - 2 * frozen

@@ -283,9 +283,3 @@ def test_a_group_size_that_does_not_divide_a_dim_names_the_layer():
                                        r'layers_0/attn/query \(embed=64\)'):
     quant.quantize(model, init(model), QuantConfig(weights='int8', granularity='group',
                                                    group_size=48))
-
-
-def test_training_refuses_int8_weights(tmp_path):
-  config = tiny_config(tmp_path, **{'quant.weights': 'int8'})
-  with pytest.raises(ValueError, match="int8 weights are for a trained model"):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))

@@ -15,7 +15,7 @@ import time
 from etils import epath
 import ml_collections
 
-from lepton_jax import data, paths, pretrained, sharding, train_state
+from lepton_jax import config_lib, data, paths, sharding, train_state
 from lepton_jax.ablation import grid
 from lepton_jax.evals import cost
 from lepton_jax.model import ModelConfig, Transformer
@@ -102,7 +102,7 @@ def read_metrics(run_dir: epath.Path) -> dict:
 def param_count(run_dir: epath.Path) -> int | None:
   """Parameters of the run's model, from the config.json lepton-train resolved (None if the run
   never started)."""
-  path = run_dir / pretrained.RUN_CONFIG
+  path = run_dir / config_lib.RUN_CONFIG
   if not path.exists():
     return None
   run_config = ml_collections.ConfigDict(json.loads(path.read_text()))

@@ -87,6 +87,11 @@ class QuantConfig:
   channel [*out], per tensor [] or per group of `group_size` consecutive inputs (the input dims
   flattened) [*out, prod(in) // group_size]. W8A8 (activations='int8') also quantizes the Dense's
   input per token (or per tensor) and runs an int8 x int8 -> int32 matmul.
+
+  With `qat` (quantization-aware training) the weights stay float params and each layer computes
+  with the values its int8 weights (and W8A8 activations) would have, passing gradients straight
+  through the rounding; lepton_jax/quant.py then turns the trained float weights into the int8
+  model that computes what was trained.
   """
   weights: str = 'none'
   granularity: str = 'channel'
@@ -98,6 +103,7 @@ class QuantConfig:
   head: bool = False  # Quantize the output head (the most sensitive matmul).
   exclude: tuple[str, ...] = ()  # Regular expressions over Dense paths left in float.
   kernel: str = 'auto'  # auto: Pallas on TPU and GPU, XLA elsewhere; xla | pallas force one.
+  qat: bool = False  # Fake-quantized float weights that train (see above).
 
   @classmethod
   def from_config(cls, quant_config: ml_collections.ConfigDict) -> 'QuantConfig':
@@ -118,6 +124,9 @@ class QuantConfig:
                        "activations='none' or a 'channel' or 'tensor' granularity")
     if self.group_size <= 0:
       raise ValueError(f'config.quant.group_size={self.group_size}: must be positive')
+    if self.qat and self.weights == 'none':
+      raise ValueError("config.quant.qat=True trains through int8 weights: set config.quant."
+                       "weights='int8' (and the scheme to export)")
     if tie_embeddings and self.weights != 'none' and self.head != self.embed:
       raise ValueError(f'config.quant.head={self.head} and config.quant.embed={self.embed}: with '
                        'tied embeddings the head is the embedding table, so set both alike')
@@ -126,6 +135,11 @@ class QuantConfig:
   def embeds(self) -> bool:
     """Whether the embedding table is int8 (and with it a tied head)."""
     return self.weights != 'none' and self.embed
+
+  @property
+  def stores_int8(self) -> bool:
+    """Whether the weights it quantizes are int8 variables (else, with qat, float params)."""
+    return self.weights != 'none' and not self.qat
 
   def quantizes(self, module_path: str) -> bool:
     """Whether the Dense at `module_path` ('layers_0/attn/query', 'head') holds int8 weights."""

@@ -97,6 +97,33 @@ def matmul(x: jax.Array, w_int8: jax.Array, scale: jax.Array, num_in: int, quant
   return y_MN.reshape(*batch_shape, *out_shape)
 
 
+def fake_quantize_weight(w_out_in: jax.Array, num_in: int, quant: QuantConfig) -> jax.Array:
+  """A float weight [*out, *in] as its int8 weight computes (quantize_weight, then
+  dequantize_weight), with a straight-through gradient: what quantization-aware training uses."""
+  w_int8, scale = quantize_weight(w_out_in, num_in, quant)
+  return straight_through(w_out_in, dequantize_weight(w_int8, scale, num_in, quant,
+                                                      w_out_in.dtype))
+
+
+def fake_quantize_kernel(kernel: jax.Array, num_in: int, quant: QuantConfig) -> jax.Array:
+  """fake_quantize_weight of a Dense kernel, laid out [*in, *out]."""
+  w_out_in = fake_quantize_weight(rotate_axes(kernel, num_in), num_in, quant)
+  return rotate_axes(w_out_in, kernel.ndim - num_in)
+
+
+def fake_quantize_rows(x: jax.Array, num_in: int, granularity: str) -> jax.Array:
+  """x [..., *in] as W8A8 quantizes it (quantize_rows over its last num_in dims), with a
+  straight-through gradient."""
+  x_MK = x.reshape(-1, math.prod(x.shape[x.ndim - num_in:]))
+  x_int8_MK, scale_M1 = quantize_rows(x_MK, granularity)
+  return straight_through(x, (x_int8_MK * scale_M1).reshape(x.shape).astype(x.dtype))
+
+
+def straight_through(x: jax.Array, quantized: jax.Array) -> jax.Array:
+  """`quantized` forward, the identity backward (the straight-through estimator)."""
+  return x + jax.lax.stop_gradient(quantized - x)
+
+
 def quantize_kv(x_BTKH: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(int8 keys or values [B, T, K, H], float32 scale [B, T, K]: one per token and kv head)."""
   scale_BTK1 = absmax_scale(x_BTKH, axis=-1)

@@ -5,6 +5,7 @@ names ('embed', 'mlp', ...) that config rules map to mesh axes (see lepton_jax/s
 Shape suffixes (`x_BTD`) use the letters of the legend in lepton_jax/model/__init__.py.
 """
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -57,7 +58,8 @@ class Dense(nn.Module):
     num_in, path = len(self.in_axes), '/'.join(self.path)
     in_shape = x.shape[-num_in:]
     x = x.astype(self.dtype)
-    if self.quant.quantizes(path):
+    quantized = self.quant.quantizes(path)
+    if quantized and self.quant.stores_int8:
       w_int8, scale = self._int8_weight(in_shape)
       y = int8.matmul(x, w_int8, scale, num_in, self.quant, self.dtype)
       kernel = lambda: int8.rotate_axes(  # [*out, *in] -> [*in, *out]
@@ -68,7 +70,12 @@ class Dense(nn.Module):
           'kernel',
           nn.with_logical_partitioning(self.kernel_init, (*self.in_axes, *self.out_axes)),
           (*in_shape, *self.features), self.param_dtype).astype(self.dtype)
-      y = matmul_2d(x, float_kernel, num_in)
+      x_quantized = x
+      if quantized:  # Quantization-aware training: the int8 model's values, float gradients.
+        float_kernel = int8.fake_quantize_kernel(float_kernel, num_in, self.quant)
+        if self.quant.activations == 'int8':
+          x_quantized = int8.fake_quantize_rows(x, num_in, self.quant.activation_granularity)
+      y = matmul_2d(x_quantized, float_kernel, num_in)
       kernel = lambda: float_kernel
     if self.lora.adapts(path):
       y = self._adapted(x, y, kernel, in_shape)
@@ -127,7 +134,8 @@ def int8_variables(module: nn.Module, name: str, to_out_in, shape_out_in: tuple[
     raise ValueError(f'config.quant.group_size={quant.group_size} does not divide the inputs of '
                      f'{"/".join(module.path)} ({inputs})')
 
-  def quantized():  # Runs only where the variables are created.
+  @functools.cache  # Runs once, and only where the variables are created.
+  def quantized():
     if module.has_variable('params', name):
       w_out_in = to_out_in(module.get_variable('params', name))
     else:
@@ -186,7 +194,8 @@ def make_norm(cfg: ModelConfig, name: str, axis_name: str = 'embed') -> Norm:
 
 class Embed(nn.Module):
   """Token embedding table (V, D); `attend` is the tied output head. With quant.embed the table
-  is int8 (rows are the head's output channels), in the `quant` collection."""
+  is int8 (rows are the head's output channels), in the `quant` collection (with quant.qat, a
+  float param used as its int8 rows compute)."""
   vocab_size: int
   _: dataclasses.KW_ONLY
   d_model: int
@@ -196,7 +205,8 @@ class Embed(nn.Module):
 
   def setup(self):
     shape, names = (self.vocab_size, self.d_model), ('vocab', 'embed')
-    if self.quant.embeds:
+    self.stores_int8 = self.quant.embeds and self.quant.stores_int8
+    if self.stores_int8:
       self.table_int8_VD, self.scale = int8_variables(self, 'embedding', lambda table: table,
                                                       shape, names, 1, self.quant)
     else:
@@ -204,16 +214,23 @@ class Embed(nn.Module):
           'embedding', nn.with_logical_partitioning(default_kernel_init, names), shape,
           self.param_dtype)
 
+  def _float_table(self) -> jax.Array:
+    if self.quant.embeds:  # Quantization-aware training.
+      return int8.fake_quantize_weight(self.embedding, 1, self.quant)
+    return self.embedding
+
   def __call__(self, tokens_BT: jax.Array) -> jax.Array:
-    if self.quant.embeds:
+    if self.stores_int8:
       rows_BTD = jnp.take(self.table_int8_VD, tokens_BT, axis=0)
       scale = self.scale if self.quant.granularity == 'tensor' else jnp.take(
           self.scale, tokens_BT, axis=0)
       return int8.dequantize_weight(rows_BTD, scale, 1, self.quant, self.dtype)
-    return jnp.take(self.embedding, tokens_BT, axis=0).astype(self.dtype)
+    return jnp.take(self._float_table(), tokens_BT, axis=0).astype(self.dtype)
 
   def attend(self, x_BTD: jax.Array) -> jax.Array:
     x_BTD = x_BTD.astype(self.dtype)
-    if self.quant.embeds:
+    if self.stores_int8:
       return int8.matmul(x_BTD, self.table_int8_VD, self.scale, 1, self.quant, self.dtype)
-    return matmul_2d(x_BTD, self.embedding.astype(self.dtype).T, 1)
+    if self.quant.embeds and self.quant.activations == 'int8':
+      x_BTD = int8.fake_quantize_rows(x_BTD, 1, self.quant.activation_granularity)
+    return matmul_2d(x_BTD, self._float_table().astype(self.dtype).T, 1)
