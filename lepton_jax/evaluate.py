@@ -20,7 +20,7 @@ from etils import epath
 import jax
 import ml_collections
 
-from lepton_jax import cli, config_lib, evals, quant, sample, sharding
+from lepton_jax import cli, config_lib, evals, lora, quant, sample, sharding
 from lepton_jax.evals import cost
 from lepton_jax.model.config import QuantConfig
 
@@ -69,8 +69,11 @@ def task_specs(tasks: list[str]) -> dict[str, dict]:
 
 
 def evaluate(config: ml_collections.ConfigDict, model, variables, tokenizer,
-             tasks: dict[str, dict] | None = None, measure_cost: bool = True) -> dict[str, float]:
-  """Every evaluator of `config` (and `tasks`) once, and the model's cost."""
+             tasks: dict[str, dict] | None = None, measure_cost: bool = True,
+             adapter: str | None = None) -> dict[str, float]:
+  """Every evaluator of `config` (and `tasks`) once, and the model's cost; with `variables` a
+  lora.AdapterSet, of its adapter `adapter`."""
+  variables = lora.chosen(variables, adapter)
   mesh, rules = sharding.make_mesh(config.mesh), config.mesh.rules
   with sharding.use_mesh(mesh, rules):
     metrics = evals.run(evals.build(config, model, tokenizer, mesh, rules, tasks), variables)

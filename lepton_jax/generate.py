@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lepton_jax import sharding
+from lepton_jax import lora, sharding
 from lepton_jax.model import ModelConfig, Transformer, attention
 
 
@@ -295,13 +295,15 @@ def pad_prompts(prompt_tokens: Sequence[Sequence[int]], rows: int,
 def generate(model: Transformer, variables, prompt_tokens: Sequence[Sequence[int]],
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, eos_id: int | None = None, *, min_p: float = 0.0,
-             stop_ids: Sequence[int] = ()) -> list[list[int]]:
+             stop_ids: Sequence[int] = (), adapter: str | None = None) -> list[list[int]]:
   """The new tokens of each prompt (lists of token ids, any lengths), in one batch.
 
   Each row ends before its first stop token (`eos_id` or any of `stop_ids`, not returned) or after
   max_new_tokens. temperature 0 is greedy; otherwise top_k, top_p and min_p filter (0, 1 and 0
-  are off) and the draws are a function of `seed` and the prompt's index.
+  are off) and the draws are a function of `seed` and the prompt's index. With `variables` a
+  lora.AdapterSet, `adapter` names the adapter to decode with (switching compiles nothing new).
   """
+  variables = lora.chosen(variables, adapter)
   cfg = model.cfg
   check_prompts(cfg, prompt_tokens, max_new_tokens)
   rows = -(-len(prompt_tokens) // batch_multiple()) * batch_multiple()

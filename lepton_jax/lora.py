@@ -6,6 +6,7 @@ shard them like it. Everything here is a transform of a params tree:
 
   adapter_of(params)          the adapter leaves alone (a few MB for a 1B base at r=8)
   with_adapter(params, a)     the base with adapter `a` in place: switch adapters per call
+  AdapterSet, chosen          named adapters over one base, picked per call by name
   merge(model, variables)     kernels with the adapters folded in, as a plain (rank-0) model
   unmerge(...)                the inverse for plain LoRA
 """
@@ -32,11 +33,12 @@ def trainable_patterns(config) -> tuple[str, ...]:
   return tuple(config.trainable)
 
 
-def check_targets(lora: LoraConfig, params: dict, tie_embeddings: bool) -> None:
-  """Every target names at least one Dense layer of `params` (abstract or real)."""
+def check_targets(lora: LoraConfig, variables: dict, tie_embeddings: bool) -> None:
+  """Every target names at least one Dense layer of `variables` (abstract or real; a Dense's
+  kernel is a float param or, over an int8 base, a `quant` variable)."""
   if not lora.enabled:
     return
-  modules = sorted({name.rsplit('/', 1)[0] for name in tree.names(params)
+  modules = sorted({name.split('/', 1)[1].rsplit('/', 1)[0] for name in tree.names(variables)
                     if name.endswith('/kernel')})
   for target, pattern in zip(lora.expanded_targets(), lora.patterns()):
     if not any(re.fullmatch(pattern, module) for module in modules):
@@ -91,6 +93,19 @@ class AdapterSet:
     if name not in self.adapters:
       raise ValueError(f'no adapter named {name!r}; loaded: {sorted(self.adapters)}')
     return dict(self.base, params=tree.merge(self.base['params'], self.adapters[name]))
+
+
+def chosen(variables: 'dict | AdapterSet', adapter: str | None) -> dict:
+  """What a model applies: `variables` itself, or adapter `adapter` of an AdapterSet (the
+  per-call choice of `generate.generate` and `evaluate.evaluate`)."""
+  if isinstance(variables, AdapterSet):
+    if adapter is None:
+      raise ValueError(f'a lora.AdapterSet needs adapter=NAME; loaded: {sorted(variables.adapters)}')
+    return variables.variables(adapter)
+  if adapter is not None:
+    raise ValueError(f'adapter={adapter!r} picks an adapter of a lora.AdapterSet, but the '
+                     'variables given are one model\'s')
+  return variables
 
 
 def _adapted_modules(params: dict) -> dict[str, dict]:

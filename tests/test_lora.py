@@ -8,8 +8,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lepton_jax import config_lib, experiment, lora, sample, sharding, steps, train, train_state
-from lepton_jax import tree
+from lepton_jax import config_lib, data, evaluate, experiment, generate, lora, sample, sharding
+from lepton_jax import steps, train, train_state, tree
 from lepton_jax.model import ModelConfig, Transformer, layers
 from lepton_jax.model.config import LoraConfig
 from tests.conftest import finetune_config, read_metrics, save_tiny_hf_llama, tiny_config
@@ -243,3 +243,26 @@ def test_an_adapter_set_switches_by_name_and_refuses_another_layout():
 def test_all_linear_with_more_targets_adapts_them_too():
   names = tree.names(init(tiny_model(targets=('all-linear', 'head'))))
   assert 'params/head/lora_a' in names and 'params/layers_1/mlp/down/lora_b' in names
+
+
+def test_generate_and_evaluate_take_an_adapter_name(tmp_path):
+  config = tiny_config(tmp_path, **{**LORA, 'lora.targets': ('all-linear',)})
+  model = Transformer(ModelConfig.from_config(config.model, config.lora))
+  base = init(model)
+  adapters = lora.AdapterSet(base)
+  for seed in (1, 2):
+    adapters.add(f'a{seed}', lora.adapter_of(perturb_adapters(base, seed)['params']))
+  prompts = [[5, 6, 7], [8, 9]]
+  for seed in (1, 2):
+    assert (generate.generate(model, adapters, prompts, 6, adapter=f'a{seed}') ==
+            generate.generate(model, perturb_adapters(base, seed), prompts, 6))
+  tokenizer = data.build_tokenizer(config.data, str(tmp_path), train_if_missing=False)
+  losses = {name: evaluate.evaluate(config, model, adapters, tokenizer, measure_cost=False,
+                                    adapter=name)['eval/loss'] for name in ('a1', 'a2')}
+  assert losses['a1'] == evaluate.evaluate(config, model, perturb_adapters(base, 1), tokenizer,
+                                           measure_cost=False)['eval/loss']
+  assert losses['a1'] != losses['a2']
+  with pytest.raises(ValueError, match=r"needs adapter=NAME; loaded: \['a1', 'a2'\]"):
+    generate.generate(model, adapters, prompts, 2)
+  with pytest.raises(ValueError, match=r"adapter='a1' picks an adapter of a lora.AdapterSet"):
+    generate.generate(model, base, prompts, 2, adapter='a1')
