@@ -152,3 +152,14 @@ def test_runs_from_trained_weights_keep_their_sources_tokenizer(tmp_path):
   config.init_from = 'workdir:/some/base'
   assert runner.shared_tokenizer(config, cells, str(tmp_path)) == {}
   assert not (tmp_path / 'tokenizer').exists()  # Nothing trained: the base's tokenizer is used.
+
+
+def test_the_lora_sweep_runs_the_methods_its_argument_names():
+  sweep_file = REPO / 'configs' / 'sweeps' / 'lora.py'
+  every = grid.load_sweep_file(f'{sweep_file}:/runs/base')
+  assert every.config == 'configs/lora_adapt.py:/runs/base' and len(every.axes['method']) == 15
+  some = grid.load_sweep_file(f'{sweep_file}:/runs/base:full,all_r8_dora')
+  assert list(some.axes['method']) == ['full', 'all_r8_dora']
+  assert some.axes['method']['all_r8_dora']['lora.dora'] is True
+  with pytest.raises(ValueError, match=r"no method \['all_r9'\]"):
+    grid.load_sweep_file(f'{sweep_file}:/runs/base:all_r9')

@@ -8,6 +8,9 @@ layers match full fine-tuning where q,v alone do not.
 
   python scripts/ablate.py --sweep=configs/sweeps/lora.py:/tmp/lora_base --workdir=/tmp/lora_study \
       --metric=eval/loss
+  # Some methods only, at 3 seeds (the argument: BASE_DIR[:METHOD,METHOD,...]):
+  python scripts/ablate.py --sweep=configs/sweeps/lora.py:/tmp/lora_base:full,all_r8,all_r8_dora \
+      --seeds=3 --workdir=/tmp/lora_seeds --metric=eval/loss
 """
 RANKS = (1, 2, 4, 8, 16, 64)
 LORA_LR = 3e-3  # Adapters train at ~3x full fine-tuning's rate here (one rate for every rank).
@@ -24,6 +27,7 @@ def adapter(targets, rank, **fields):
 def get_sweep(arg=None):
   if not arg:
     raise ValueError('configs/sweeps/lora.py needs the base run: --sweep=configs/sweeps/lora.py:DIR')
+  base, _, only = arg.partition(':')
   methods = {'full': {}}
   for rank in RANKS:
     methods[f'qv_r{rank}'] = adapter(('q', 'v'), rank)
@@ -31,4 +35,10 @@ def get_sweep(arg=None):
     methods[f'all_r{rank}'] = adapter(('all-linear',), rank)
   methods['all_r64_rslora'] = adapter(('all-linear',), 64, rslora=True)
   methods['all_r8_dora'] = adapter(('all-linear',), 8, dora=True)
-  return dict(config=f'configs/lora_adapt.py:{arg}', seeds=1, axes={'method': methods})
+  if only:
+    unknown = set(only.split(',')) - set(methods)
+    if unknown:
+      raise ValueError(f'configs/sweeps/lora.py: no method {sorted(unknown)}; the methods are '
+                       f'{list(methods)}')
+    methods = {name: methods[name] for name in only.split(',')}
+  return dict(config=f'configs/lora_adapt.py:{base}', seeds=1, axes={'method': methods})
