@@ -206,7 +206,8 @@ def test_bad_hooks_are_refused():
   model, variables = Transformer(cfg), init(cfg)
   with pytest.raises(ValueError, match=r"no hook point 'blocks\.0\.attn\.hook_result'"):
     interpret.run_with_hooks(model, variables, tokens(), {'blocks.0.attn.hook_result': abs})
-  with pytest.raises(ValueError, match=r'hook blocks\.0\.attn\.hook_z: returned shape \(2, 10, 4\)'):
+  with pytest.raises(ValueError,
+                     match=r'hook blocks\.0\.attn\.hook_z: returned shape \(2, 10, 4\)'):
     interpret.run_with_hooks(model, variables, tokens(),
                              {'blocks.0.attn.hook_z': lambda z: z.sum(-1)})
 

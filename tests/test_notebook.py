@@ -21,6 +21,7 @@ HF_NOTEBOOK = REPO / 'notebooks' / 'hf_finetune.ipynb'
 LORA_NOTEBOOK = REPO / 'notebooks' / 'lora_finetune.ipynb'
 ABLATIONS_NOTEBOOK = REPO / 'notebooks' / 'ablations.ipynb'
 INT8_NOTEBOOK = REPO / 'notebooks' / 'int8_inference.ipynb'
+INTERPRET_NOTEBOOK = REPO / 'notebooks' / 'interpret.ipynb'
 
 OVERRIDES = """\
 config.total_steps = 30
@@ -58,7 +59,7 @@ def _kernel_env(tmp_path):
 
 
 @pytest.mark.parametrize('path', [NOTEBOOK, HF_NOTEBOOK, LORA_NOTEBOOK, ABLATIONS_NOTEBOOK,
-                                  INT8_NOTEBOOK],
+                                  INT8_NOTEBOOK, INTERPRET_NOTEBOOK],
                          ids=lambda path: path.stem)
 def test_notebook_is_stored_without_outputs(path):
   nb = nbformat.read(path, as_version=4)
@@ -190,3 +191,25 @@ def test_int8_inference_runs(tmp_path):
                       for out in cell.outputs if out.output_type == 'stream')
   assert 'perplexity changes checked' in printed  # The notebook asserts the bounds.
   assert 'reloaded exactly: True' in printed and 'KV cache per token and layer' in printed
+
+
+def test_interpret_runs(tmp_path):
+  nb = nbformat.read(INTERPRET_NOTEBOOK, as_version=4)
+  (params,) = _cells_with_tag(nb, 'parameters')
+  nb.cells.insert(params + 1, nbformat.v4.new_code_cell(
+      LORA_OVERRIDES.replace('BASE_STEPS = 30\nLORA_STEPS = 30', 'TRAIN_STEPS = 30'),
+      metadata={'tags': ['injected-parameters']}))
+
+  nbclient.NotebookClient(nb, kernel_name='python3', timeout=600,
+                          resources={'metadata': {'path': str(REPO)}}).execute(
+                              env=_kernel_env(tmp_path))
+
+  code = [cell for cell in nb.cells if cell.cell_type == 'code']
+  printed = '\n'.join(out.get('text', '') for cell in code for out in cell.outputs
+                      if out.output_type == 'stream')
+  assert 'patching checked' in printed and 'attributions sum to' in printed  # Asserted inside.
+  assert 'strongest induction head' in printed and 'next-token loss' in printed
+  images = sum('image/png' in out.get('data', {}) for cell in code for out in cell.outputs)
+  # Two attention maps, induction scores, the logit lens, two patching maps, attribution.
+  assert images == 7
+  assert any('text/html' in out.get('data', {}) for cell in code for out in cell.outputs)
