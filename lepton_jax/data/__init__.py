@@ -1,4 +1,5 @@
 """Data: tokenizers, text sources and the packed, shuffled, per-process batch pipeline."""
+from lepton_jax.data import filters
 from lepton_jax.data.formats import FORMATS
 from lepton_jax.data.formats import TOKENIZED_FORMATS
 from lepton_jax.data.pipeline import make_eval_batches

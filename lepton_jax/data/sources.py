@@ -35,7 +35,8 @@ SOURCES = {
 
 
 def load_documents(data_config: ml_collections.ConfigDict, split: str) -> Sequence[str]:
-  """The documents of `split` ('train' or 'eval') of the configured source."""
+  """The documents of `split` ('train' or 'eval') of the configured source; the train split
+  cleaned by data.filters (data/filters.py), when it names any."""
   if split not in SPLITS:
     raise ValueError(f'split={split!r} is not one of {SPLITS}.')
   if data_config.source not in SOURCES:
@@ -44,6 +45,9 @@ def load_documents(data_config: ml_collections.ConfigDict, split: str) -> Sequen
   if not any(documents):
     raise ValueError(f'{describe_source(data_config)} has no text in its {split} split; '
                      'add text or change data.val_fraction / the split names.')
+  if split == 'train' and data_config.get('filters') and data_config.filters.steps:
+    from lepton_jax.data import filters  # pylint: disable=g-import-not-at-top  (it imports this)
+    return filters.apply(data_config, documents).documents
   return documents
 
 

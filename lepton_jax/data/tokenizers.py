@@ -301,6 +301,8 @@ def _settings_hash(data_config: ml_collections.ConfigDict) -> str:
       'source', 'path', 'tfds_name', 'tfds_data_dir', 'train_split', 'text_key', 'val_fraction',
       'vocab_size', 'spm_train_chars')}
   settings['source_name'] = sources.describe_source(data_config)
+  if data_config.get('filters') and data_config.filters.steps:  # It trains on the cleaned text.
+    settings['filters'] = data_config.filters.to_dict()
   settings['trainer'] = SPM_TRAINER_OPTIONS
   return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
