@@ -341,7 +341,9 @@ class NGrams:
 def evaluation_documents(data_config: ml_collections.ConfigDict) -> list[str]:
   """What decontamination compares with: the source's raw eval split and the files given."""
   dc = data_config.filters.decontaminate
-  documents = list(sources.SOURCES[data_config.source](data_config, 'eval')) if dc.validation else []
+  documents = []
+  if dc.validation:
+    documents.extend(sources.SOURCES[data_config.source](data_config, 'eval'))
   for path in dc.files:
     documents.extend(read_eval_file(path))
   return documents

@@ -18,9 +18,10 @@ The allow-list keeps what code is full of and leaks nothing (DEFAULT_ALLOW, plus
 regexes given): e-mail addresses at the example/test/invalid/localhost domains (RFC 2606) and
 example.com/.net/.org; IP addresses that are not globally routable (loopback such as 127.0.0.1,
 private, link-local, multicast, the documentation ranges 192.0.2.0/24, 198.51.100.0/24,
-203.0.113.0/24 and 2001:db8::/32); dotted numbers that are version strings (after `v`, `version`,
-`release` or inside a longer dotted run such as an OID). Hex digests are never matched: no
-hex-entropy detector runs.
+203.0.113.0/24 and 2001:db8::/32); dotted numbers that are version or section numbers (after
+`v`, `version`, `release`, `section`, `§`) or the tail of a longer dotted run (an OID). Hex
+digests are never matched: no hex-entropy detector runs. The stdlib measurement (docs/data.md)
+shows what is still caught.
 
 detect-secrets is imported when the first text is scanned (the `data` extra), so `pip install .`
 stays JAX-only.
@@ -43,7 +44,8 @@ DEFAULT_ALLOW = ()  # Extra strings (exact) or regexes (full match) kept, from c
 _EMAIL = re.compile(r'(?<![\w.%+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![\w-])')
 _IPV4 = re.compile(r'(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)')
 _IPV6 = re.compile(r'(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])')
-_VERSION_BEFORE = re.compile(r'(?:\bv|version|release|ver\.?)[\W_]{0,8}$', re.IGNORECASE)
+_VERSION_BEFORE = re.compile(r'(?:\bv|version|release|ver\.?|sections?|§)[\W_]{0,8}$',
+                             re.IGNORECASE)
 _PHONE = re.compile(r'(?<![\w.+-])(?:\+?1[ .-])?(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}'
                     r'(?![\w-]|\.\d)')
 _CARD = re.compile(r'(?<![\w.+-])\d(?:[ -]?\d){12,18}(?![\w-]|\.\d)')
