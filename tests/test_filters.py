@@ -340,6 +340,8 @@ def test_training_with_filters_resumes_exactly_and_writes_the_report(tmp_path, m
     ({'steps': ('pii', 'pii')}, 'names a filter twice'),
     ({'near_dedup.threshold': 1.5}, r'near_dedup.threshold=1.5: must be in \(0, 1\]'),
     ({'near_dedup.ngram': 0}, 'near_dedup.ngram=0 must be >= 1'),
+    ({'steps': ('near_dedup',), 'near_dedup.threshold': 0.999},
+     'near_dedup.threshold=0.999 with num_perm=256: datasketch cannot band it'),
     ({'decontaminate.threshold': 0.0}, r'threshold=0.0 in \(0, 1\]'),
     ({'decontaminate.tokens': 'bpe'}, "tokens='bpe' must be one of"),
     ({'quality.min_alpha_words': 2.0}, r'quality.min_alpha_words=2.0: must be in \[0, 1\]'),

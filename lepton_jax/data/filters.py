@@ -120,6 +120,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   nd, dc = f.near_dedup, f.decontaminate
   try:
     _check_near_dedup(nd.threshold, nd.ngram, nd.num_perm)
+    if 'near_dedup' in f.steps:
+      _lsh(nd.threshold, nd.num_perm)
   except ValueError as e:
     raise ValueError(f'config.data.filters.near_dedup.{e}') from None
   if dc.n < 1 or not 0.0 < dc.threshold <= 1.0:
@@ -278,9 +280,9 @@ def _near_dedup(texts: list[str], data_config) -> tuple[list[str], dict]:
 
 def _near_duplicates(docs: Sequence[str], threshold: float, ngram: int, num_perm: int,
                      seed: int) -> list[list[int]]:
-  from datasketch import MinHash, MinHashLSH  # pylint: disable=g-import-not-at-top  (data extra)
+  from datasketch import MinHash  # pylint: disable=g-import-not-at-top  (the data extra)
   permutations = MinHash(num_perm=num_perm, seed=seed, scheme='affine32').permutations
-  lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+  lsh = _lsh(threshold, num_perm)
   signatures = {}
   for index, doc in enumerate(docs):
     shingles = word_shingles(doc, ngram)
@@ -307,6 +309,16 @@ def _near_duplicates(docs: Sequence[str], threshold: float, ngram: int, num_perm
   for index in range(len(docs)):
     members.setdefault(root(index), []).append(index)
   return sorted(cluster for cluster in members.values() if len(cluster) > 1)
+
+
+def _lsh(threshold: float, num_perm: int):
+  """datasketch's index; a threshold it cannot band (too near 1 for num_perm) is a ValueError."""
+  from datasketch import MinHashLSH  # pylint: disable=g-import-not-at-top  (the data extra)
+  try:
+    return MinHashLSH(threshold=threshold, num_perm=num_perm)
+  except ValueError as e:
+    raise ValueError(f'threshold={threshold} with num_perm={num_perm}: datasketch cannot band '
+                     f'it ({e}); lower the threshold or raise num_perm') from None
 
 
 def word_shingles(text: str, n: int) -> set[bytes]:
