@@ -2,7 +2,7 @@
 description of the model's variables to check a restart against.
 
 A workdir holds `checkpoints/STEP/` with three items: `state` (step, trainable params, optimizer
-state, rng; sharded arrays written by all processes), `data` (each process's data iterator
+state, rng, and the pruning masks of a pruned run; sharded arrays written by all processes), `data` (each process's data iterator
 position, one JSON file per process: streaming pipelines differ per process) and `meta` (JSON:
 every variable's name, shape, dtype and whether it trains). The frozen variables do not change,
 so they are written once per run, to `frozen/`, not into every step; when they all came from the
@@ -47,6 +47,8 @@ def describe(abstract_variables: dict, trainable_mask: dict) -> dict:
 def first_difference(saved: dict, wanted: dict, same_split: bool) -> str | None:
   """How the variables described by `saved` and `wanted` first differ, or None."""
   for name in sorted(saved.keys() | wanted.keys()):
+    if not same_split and name.startswith(train_state.MASKS + '/'):
+      continue  # Pruning masks only matter to training: the pruned kernel weights are zero.
     if name not in wanted:
       return f'{name} is in the checkpoint but not in the model'
     if name not in saved:
@@ -123,8 +125,10 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator, meta: dict,
            force: bool = False) -> bool:
+    fields = {'step': state.step, 'trainable': state.trainable, 'opt_state': state.opt_state,
+              'rng': state.rng, **_masks_field(state.masks)}
     return self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
+        state=ocp.args.StandardSave(fields), data=grain.checkpoint.CheckpointSave(data_iterator),
         meta=ocp.args.JsonSave(meta)), force=force)
 
   def save_variables(self, step: int, variables: dict, meta: dict) -> None:
@@ -147,11 +151,12 @@ class Checkpointer:
     target = abstract_like(layout.state, layout.state_shardings)
     key = _trainable_key(self._meta(step))
     fields = {'step': target.step, key: target.trainable, 'opt_state': target.opt_state,
-              'rng': target.rng}
+              'rng': target.rng, **_masks_field(target.masks)}
     saved = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(fields)))['state']
     state = train_state.TrainState(step=saved['step'], trainable=saved[key],
-                                   opt_state=saved['opt_state'], rng=saved['rng'])
+                                   opt_state=saved['opt_state'], rng=saved['rng'],
+                                   masks=saved.get('masks'))
     if data_iterator is not None:
       data_iterator.set_state(self._data_state(step, data_state_is_global))
     return state, self._restore_frozen(abstract_like(layout.frozen, layout.frozen_shardings),
@@ -161,7 +166,8 @@ class Checkpointer:
     """The model's whole variables dict from checkpoint `step`, without its optimizer state.
 
     `abstract_variables` (ShapeDtypeStructs with shardings) says where each array goes; the
-    checkpoint says which of them trained (any optimizer, any mesh).
+    checkpoint says which of them trained (any optimizer, any mesh). Pruning masks the model has
+    but the checkpoint has not (a dense run, to be pruned) are left out.
     """
     meta = self._meta(step)
     saved = self._described(step, meta)
@@ -169,10 +175,15 @@ class Checkpointer:
                                   abstract_variables['params'])
     trainable, frozen = train_state.split_variables(abstract_variables, trained)
     key = _trainable_key(meta)
+    masks = abstract_variables.get(train_state.MASKS)
+    if not any(name.startswith(train_state.MASKS + '/') for name in saved):
+      masks = None
+    wanted = {key: trainable, **_masks_field(masks)}
     restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        {key: trainable}, restore_args=ocp.checkpoint_utils.construct_restore_args({key: trainable}),
+        wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
         partial_restore=True)))['state']
-    return tree.merge({'params': restored[key]}, self._restore_frozen(frozen, meta))
+    return tree.merge({'params': restored[key]}, self._restore_frozen(frozen, meta),
+                      {train_state.MASKS: restored['masks']} if masks is not None else {})
 
   def _restore_frozen(self, abstract_frozen: dict, meta: dict) -> dict:
     if not abstract_frozen:
@@ -218,6 +229,11 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _masks_field(masks: Any) -> dict:
+  """The state item's `masks` entry: present only in the checkpoints of a pruned run."""
+  return {'masks': masks} if masks is not None else {}
 
 
 def _trainable_key(meta: dict) -> str:

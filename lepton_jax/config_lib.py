@@ -10,7 +10,7 @@ import ml_collections
 
 from lepton_jax import data, generate, optim
 from lepton_jax.model import attention, layers, transformer
-from lepton_jax.model.config import LORA_INITS, QuantConfig
+from lepton_jax.model.config import LORA_INITS, PruneConfig, QuantConfig
 from lepton_jax.model import config as model_fields
 
 # Logical axis -> mesh axes (t5x/MaxText style). Three shipped sets; pick one in a config with
@@ -151,6 +151,28 @@ def base_config() -> ml_collections.ConfigDict:
       # Quantization-aware training: lepton-train trains the float weights through the int8
       # scheme above (straight-through gradients); loading the run quantizes them to it.
       qat=False,
+  ))
+
+  # Pruning (lepton_jax/prune.py). magnitude and n:m keep a bool mask per Dense of `layers` (the
+  # `prune` collection, saved with every checkpoint), so pruned weights stay exactly zero while
+  # training: lepton-train prunes at begin_step (one_shot) or on Zhu & Gupta's cubic ramp
+  # (gradual), scripts/prune.py prunes a trained run once. heads and ffn remove whole attention
+  # heads or FFN channels, the same number in every layer: scripts/prune.py writes the smaller
+  # model (fewer num_heads, smaller d_ff), which trains and loads like any other.
+  config.prune = ml_collections.ConfigDict(dict(
+      method='none',  # none | magnitude | n:m | heads | ffn
+      scope='layer',  # magnitude: layer (each Dense to `sparsity`) | global (one threshold)
+      sparsity=0.5,  # magnitude, heads, ffn: the fraction removed, in [0, 1).
+      n=2,  # n:m: n of every m consecutive inputs of a Dense kept (2:4, as sparse tensor cores).
+      m=4,
+      importance='norm',  # heads, ffn: norm (of the unit's weights) | taylor (|sum of w * dL/dw|^2)
+      importance_batches=4,  # taylor: training batches whose gradients it sums.
+      schedule='one_shot',  # one_shot | gradual (magnitude: sparsity ramps over the steps below)
+      begin_step=0,  # one_shot: the step that prunes; gradual: the first mask update...
+      end_step=0,  # ...and the last, which reaches `sparsity`,
+      every_steps=100,  # every this many steps, from initial_sparsity:
+      initial_sparsity=0.0,  # s_t = s + (s_0 - s) (1 - (t - begin) / (end - begin))^3.
+      layers=(r'layers(_\d+)?/.*',),  # magnitude, n:m: regexes over Dense paths (not the head).
   ))
 
   config.data = ml_collections.ConfigDict(dict(
@@ -298,6 +320,10 @@ CHOICES = {
     'quant.activation_granularity': model_fields.QUANT_ACTIVATION_GRANULARITIES,
     'quant.kv_cache': model_fields.QUANT_KV_CACHES,
     'quant.kernel': model_fields.QUANT_KERNELS,
+    'prune.method': model_fields.PRUNE_METHODS,
+    'prune.scope': model_fields.PRUNE_SCOPES,
+    'prune.importance': model_fields.PRUNE_IMPORTANCES,
+    'prune.schedule': model_fields.PRUNE_SCHEDULES,
 }
 POSITIVE = ('total_steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every_steps',
             'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
@@ -348,6 +374,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.vocab_size < 0 or not 0.0 <= m.dropout < 1.0:
     raise ValueError('config.model.vocab_size must be >= 0 and config.model.dropout in [0, 1)')
   QuantConfig.from_config(config.quant).check(m.tie_embeddings)
+  PruneConfig.from_config(config.prune).check()
   validate_sample(config.sample, m.max_seq_len)
 
 

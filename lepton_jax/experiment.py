@@ -5,8 +5,8 @@ import dataclasses
 from etils import epath
 import ml_collections
 
-from lepton_jax import checkpoint, config_lib, data, lora, optim, pretrained, sharding
-from lepton_jax import train_state
+from lepton_jax import checkpoint, config_lib, data, lora, optim, pretrained, prune, sharding
+from lepton_jax import train_state, tree
 from lepton_jax.model import ModelConfig, Transformer
 
 
@@ -29,12 +29,15 @@ def build(config: ml_collections.ConfigDict, workdir: str, same_split: bool,
   """
   tokenizer = data.build_tokenizer(config.data, workdir, train_if_missing=train_tokenizer)
   model_config = ModelConfig.from_config(config_lib.resolve_vocab(config.model, tokenizer),
-                                         config.lora, config.quant)
+                                         config.lora, config.quant, config.prune)
   model = Transformer(model_config)
   variables = sharding.unbox_abstract(train_state.boxed_variables(model, config.seq_len))
   lora.check_targets(model_config.lora, variables, model_config.tie_embeddings)
   trainable = lora.trainable_patterns(config)
   mask = train_state.trainable_mask(variables['params'], trainable)
+  if same_split:  # Training: the masks a run prunes must be computable and train.
+    prune.check_training(model_config.prune, variables.get(prune.MASKS),
+                         tree.partition(variables['params'], mask)[0])
   meta = checkpoint.describe(variables, mask)
   frozen_source = None
   if config.init_from:  # A LoRA run's checkpoints reference their base there.
@@ -57,7 +60,7 @@ def save_run_config(config: ml_collections.ConfigDict, run: Experiment, workdir:
   model's vocab_size, the tokenizer's file), so another run can start from this one."""
   resolved = ml_collections.ConfigDict(config.to_dict())
   resolved.model.update({k: v for k, v in dataclasses.asdict(run.model_config).items()
-                         if k not in ('lora', 'quant')})  # Those keep their own groups.
+                         if k not in ('lora', 'quant', 'prune')})  # Those keep their own groups.
   resolved.data.tokenizer_path = run.tokenizer.path or config.data.tokenizer_path
   path = epath.Path(workdir) / config_lib.RUN_CONFIG
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -159,7 +159,7 @@ def save(out: str, config: ml_collections.ConfigDict, model: Transformer, variab
     raise FileExistsError(f'{out} is not empty: give a new directory for the int8 checkpoint')
   saved = ml_collections.ConfigDict(config.to_dict())
   saved.model.update({k: v for k, v in dataclasses.asdict(model.cfg).items()
-                      if k not in ('lora', 'quant')})
+                      if k not in ('lora', 'quant', 'prune')})
   saved.quant.update(dataclasses.asdict(model.cfg.quant))
   saved.data.tokenizer_path = copy_tokenizer(tokenizer_path, out_dir)
   saved.init_from = ''

@@ -4,7 +4,7 @@ from typing import Sequence
 from etils import epath
 import ml_collections
 
-from lepton_jax import checkpoint, config_lib, data, experiment, generate, pretrained, quant
+from lepton_jax import checkpoint, config_lib, data, experiment, generate, pretrained, prune, quant
 from lepton_jax import sharding, train_state
 from lepton_jax.model import ModelConfig, Transformer
 from lepton_jax.model.config import QuantConfig
@@ -16,9 +16,10 @@ def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = Non
   `config` is the run's config (its model, data and mesh settings); the variables (params alone:
   no optimizer state is read, whichever optimizer trained them) are placed on the mesh it
   describes, and quantized as config.quant says (lepton_jax/quant.py). An int8 checkpoint
-  (scripts/quantize.py) brings its own model, tokenizer and int8 weights.
+  (scripts/quantize.py) brings its own model, tokenizer and int8 weights, a pruned one
+  (scripts/prune.py) its own model and tokenizer.
   """
-  config = pretrained.resolve(quant.resolve(config, workdir))
+  config = pretrained.resolve(prune.resolve(quant.resolve(config, workdir), workdir))
   config_lib.validate(config)
   if not (epath.Path(workdir) / 'checkpoints').is_dir():  # Local or gs://, as orbax writes.
     raise FileNotFoundError(f'{workdir} holds no checkpoints; train there first '
@@ -28,6 +29,7 @@ def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = Non
   stored = ml_collections.ConfigDict(config.to_dict())
   stored.quant = config_lib.base_config().quant
   stored.quant.update(quant.stored_weight_fields(workdir))
+  stored.prune = config_lib.base_config().prune  # Pruned weights are zero: no masks needed.
   # The run's own tokenizer: one trained now for other data settings would not match the model.
   run = experiment.build(stored, workdir, same_split=False, train_tokenizer=False)
   available = run.checkpointer.all_steps()

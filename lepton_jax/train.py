@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from lepton_jax import checkpoint, cli, config_lib, data, distributed, evals, experiment, flops
-from lepton_jax import metrics, pretrained, sample, sharding, steps, train_state
+from lepton_jax import metrics, pretrained, sample, sharding, train_state
 
 
 def global_batch(local_batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
@@ -155,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     meta = dict(run.meta, frozen_from=frozen_from) if frozen_from else run.meta
 
     train_fn = train_state.jit_train_step(model, tx, schedule, config, layout, batch_sharding)
-    variables = lambda: steps.model_variables(state.trainable, frozen)
+    variables = lambda: state.variables(frozen)
 
     step = int(state.step)
     writer = metrics.MetricWriter(workdir, first_step=step, active=is_coordinator)

@@ -10,7 +10,9 @@ two by `config.trainable` (path patterns over param names, lepton_jax/tree.py):
                         and saved once per run (checkpoint.Checkpointer.save_frozen).
 
 Full training is the case where every param matches and `frozen` is empty. Only params train:
-other collections (a KV cache, quantized weights, masks) are frozen by nature.
+other collections (a KV cache, quantized weights) are frozen by nature. The pruning masks (the
+`prune` collection, lepton_jax/prune.py) get no gradient either, but the pruning schedule changes
+them, so they are TrainState.masks, saved with every checkpoint: a resumed run keeps them.
 """
 import dataclasses
 import functools
@@ -31,6 +33,12 @@ class TrainState:
   trainable: Any  # The trainable params (a nested dict under the 'params' collection).
   opt_state: Any
   rng: jax.Array  # uint32 key data; step keys are fold_in(key, step), so resume is exact.
+  masks: Any = None  # The `prune` collection (a nested dict of bool masks), or None: no pruning.
+
+  def variables(self, frozen: dict) -> dict:
+    """What the model is applied to: the trainable params and the masks among the frozen."""
+    masks = {MASKS: self.masks} if self.masks is not None else {}
+    return tree.merge(steps.model_variables(self.trainable, frozen), masks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +56,14 @@ class Layout:
     return split_variables(variables, self.trainable_mask)
 
 
+MASKS = 'prune'  # The collection of pruning masks: in the TrainState, neither trained nor frozen.
+
+
 def split_variables(variables: dict, trainable_mask: dict) -> tuple[dict, dict]:
-  """A variables dict (or a tree shaped like one) -> (trainable params, frozen variables)."""
+  """A variables dict (or a tree shaped like one) -> (trainable params, frozen variables); the
+  pruning masks, variables.get(MASKS), are in neither."""
   trainable, frozen_params = tree.partition(variables['params'], trainable_mask)
-  others = {k: v for k, v in variables.items() if k != 'params'}
+  others = {k: v for k, v in variables.items() if k not in ('params', MASKS)}
   return trainable, tree.merge({'params': frozen_params} if frozen_params else {}, others)
 
 
@@ -87,9 +99,11 @@ def make_layout(model: nn.Module, tx: optax.GradientTransformation, mesh, rules,
       opt_state, trainable_shardings, transform_non_params=lambda _: replicated,
       is_leaf=is_sharding)
   state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=trainable,
-                     opt_state=opt_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+                     opt_state=opt_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+                     masks=variables.get(MASKS))
   state_shardings = TrainState(step=replicated, trainable=trainable_shardings,
-                               opt_state=opt_sharding, rng=replicated)
+                               opt_state=opt_sharding, rng=replicated,
+                               masks=variable_shardings.get(MASKS))
   return Layout(variables, variable_shardings, mask, state, state_shardings, frozen,
                 frozen_shardings)
 
@@ -112,9 +126,10 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, se
                                  mutable=list(layout.variables))
     else:
       variables = model.init(params_key, tokens)
-    trainable, frozen = layout.split(nn.unbox(variables))
+    variables = nn.unbox(variables)
+    trainable, frozen = layout.split(variables)
     state = TrainState(step=jnp.int32(0), trainable=trainable, opt_state=tx.init(trainable),
-                       rng=jax.random.key_data(dropout_key))
+                       rng=jax.random.key_data(dropout_key), masks=variables.get(MASKS))
     return state, frozen
 
   return jax.jit(init, in_shardings=(tree.select(layout.variable_shardings, given),),
@@ -124,11 +139,21 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, se
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                    config, layout: Layout, batch_sharding):
   """`step(state, frozen, batch) -> (state, metrics)` jitted with explicit shardings; the old
-  state's buffers are donated, the frozen variables only read."""
-  step_fn = functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
-                              grad_accum_steps=config.grad_accum_steps,
-                              objective=objectives.from_config(config, model),
-                              skip_nonfinite=config.nonfinite == 'skip')
+  state's buffers are donated, the frozen variables only read. With pruning masks, the pruning
+  schedule (lepton_jax/prune.py) updates them first, and the model reads them as the frozen."""
+  train_step = functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
+                                 grad_accum_steps=config.grad_accum_steps,
+                                 objective=objectives.from_config(config, model),
+                                 skip_nonfinite=config.nonfinite == 'skip')
+  step_fn = train_step
+  if layout.state.masks is not None:
+    from lepton_jax import prune  # pylint: disable=g-import-not-at-top  (prune imports this module)
+    update_masks = prune.schedule_update(model.cfg.prune, tx)
+
+    def step_fn(state, frozen, batch):
+      state = update_masks(state)
+      return train_step(state, tree.merge(frozen, {MASKS: state.masks}), batch)
+
   replicated = sharding.replicated(layout.state_shardings.step.mesh)
   return jax.jit(step_fn,
                  in_shardings=(layout.state_shardings, layout.frozen_shardings, batch_sharding),

@@ -172,8 +172,8 @@ class Attention(nn.Module):
     cfg = self.cfg
     dense = lambda features, in_axes, out_axes, bias, name: layers.Dense(
         features, in_axes=in_axes, out_axes=out_axes, use_bias=bias, dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype, lora=cfg.lora, quant=cfg.quant, deterministic=deterministic,
-        name=name)
+        param_dtype=cfg.param_dtype, lora=cfg.lora, quant=cfg.quant, prune=cfg.prune,
+        deterministic=deterministic, name=name)
     hook = lambda name, x: hooks.point(self, name, x)
     q_BTNH = hook('hook_q', dense((cfg.num_heads, cfg.head_dim), ('embed',), ('heads', 'head_dim'),
                                   cfg.qkv_bias, 'query')(x_BTD))

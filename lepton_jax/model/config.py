@@ -148,6 +148,73 @@ class QuantConfig:
     return not any(re.fullmatch(pattern, module_path) for pattern in self.exclude)
 
 
+# config.prune choices (lepton_jax/prune.py says what each computes).
+PRUNE_METHODS = ('none', 'magnitude', 'n:m', 'heads', 'ffn')
+MASKED_METHODS = ('magnitude', 'n:m')  # Those that keep masks; heads and ffn shrink the model.
+PRUNE_SCOPES = ('layer', 'global')
+PRUNE_IMPORTANCES = ('norm', 'taylor')
+PRUNE_SCHEDULES = ('one_shot', 'gradual')
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+  """Pruning (config.prune). With a masked method, each Dense that `layers` names holds a bool
+  mask in the `prune` collection, the shape of the 2-D matrix its matmul multiplies
+  ([prod(in), prod(out)], matmul_2d's view), and multiplies its kernel by it: pruned weights then
+  get no gradient, and the pruning schedule zeroes them and their optimizer moments.
+  """
+  method: str = 'none'
+  scope: str = 'layer'  # magnitude: each Dense to `sparsity` | one threshold over all of them.
+  sparsity: float = 0.5  # magnitude, heads, ffn: the fraction of weights (units) removed.
+  n: int = 2  # n:m: n of every m consecutive inputs of a Dense are kept.
+  m: int = 4
+  importance: str = 'norm'  # heads, ffn: the weights' L2 norm | first-order Taylor.
+  importance_batches: int = 4  # taylor: the training batches its gradients are summed over.
+  schedule: str = 'one_shot'  # At begin_step | Zhu & Gupta's cubic ramp to end_step.
+  begin_step: int = 0
+  end_step: int = 0
+  every_steps: int = 100  # gradual: steps between two mask updates.
+  initial_sparsity: float = 0.0  # gradual: the sparsity of the first update.
+  layers: tuple[str, ...] = (r'layers(_\d+)?/.*',)  # Dense module paths (not the head).
+
+  @classmethod
+  def from_config(cls, prune_config: ml_collections.ConfigDict) -> 'PruneConfig':
+    fields = prune_config.to_dict()
+    return cls(**dict(fields, layers=tuple(fields['layers'])))
+
+  @property
+  def masked(self) -> bool:
+    return self.method in MASKED_METHODS
+
+  def masks(self, module_path: str) -> bool:
+    """Whether the Dense at `module_path` ('layers_0/attn/query') holds a pruning mask."""
+    return self.masked and any(re.fullmatch(pattern, module_path) for pattern in self.layers)
+
+  def check(self) -> None:
+    """Raises a one-line ValueError naming the config.prune key of a setting that cannot run."""
+    if self.method == 'none':
+      return
+    if not 0.0 <= self.sparsity < 1.0:
+      raise ValueError(f'config.prune.sparsity={self.sparsity}: must be in [0, 1)')
+    if not 0.0 <= self.initial_sparsity <= self.sparsity:
+      raise ValueError(f'config.prune.initial_sparsity={self.initial_sparsity}: must be in '
+                       f'[0, config.prune.sparsity={self.sparsity}]')
+    if self.method == 'n:m' and not 0 < self.n <= self.m:
+      raise ValueError(f'config.prune.n={self.n} with config.prune.m={self.m}: n:m keeps n of '
+                       'every m weights, so 0 < n <= m')
+    if self.schedule == 'gradual' and self.method != 'magnitude':
+      raise ValueError(f"config.prune.schedule='gradual' ramps magnitude pruning's sparsity; "
+                       f'config.prune.method={self.method!r} is one-shot')
+    if self.schedule == 'gradual' and not (self.end_step > self.begin_step >= 0 and
+                                           self.every_steps > 0):
+      raise ValueError(f'config.prune.begin_step={self.begin_step}, end_step={self.end_step}, '
+                       f'every_steps={self.every_steps}: gradual pruning needs 0 <= begin_step < '
+                       'end_step and every_steps > 0')
+    if self.importance_batches <= 0:
+      raise ValueError(f'config.prune.importance_batches={self.importance_batches}: must be '
+                       'positive')
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Plain values for the model; `from_config` reads them from `config.model`."""
@@ -183,11 +250,14 @@ class ModelConfig:
   dtype: str
   lora: LoraConfig = LoraConfig()
   quant: QuantConfig = QuantConfig()
+  prune: PruneConfig = PruneConfig()
 
   @classmethod
   def from_config(cls, model_config: ml_collections.ConfigDict,
                   lora_config: ml_collections.ConfigDict | None = None,
-                  quant_config: ml_collections.ConfigDict | None = None) -> 'ModelConfig':
+                  quant_config: ml_collections.ConfigDict | None = None,
+                  prune_config: ml_collections.ConfigDict | None = None) -> 'ModelConfig':
     lora = LoraConfig.from_config(lora_config) if lora_config is not None else LoraConfig()
     quant = QuantConfig.from_config(quant_config) if quant_config is not None else QuantConfig()
-    return cls(**model_config.to_dict(), lora=lora, quant=quant)
+    prune = PruneConfig.from_config(prune_config) if prune_config is not None else PruneConfig()
+    return cls(**model_config.to_dict(), lora=lora, quant=quant, prune=prune)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from lepton_jax.model import int8
-from lepton_jax.model.config import LoraConfig, ModelConfig, QuantConfig
+from lepton_jax.model.config import LoraConfig, ModelConfig, PruneConfig, QuantConfig
 
 Dtype = jnp.dtype
 default_kernel_init = nn.initializers.normal(stddev=0.02)
@@ -38,8 +38,9 @@ class Dense(nn.Module):
   """The single weight matmul of the model: contracts the last `len(in_axes)` input dims.
 
   The kernel has shape (*contracted input dims, *features) and logical names
-  (*in_axes, *out_axes). LoRA adapters (when `lora` targets this layer's path) and int8 weights
-  (when `quant` quantizes it) hook in here and nowhere else.
+  (*in_axes, *out_axes). LoRA adapters (when `lora` targets this layer's path), int8 weights
+  (when `quant` quantizes it) and pruning masks (when `prune` masks it) hook in here and nowhere
+  else.
   """
   features: Sequence[int]
   _: dataclasses.KW_ONLY
@@ -51,6 +52,7 @@ class Dense(nn.Module):
   kernel_init: nn.initializers.Initializer = default_kernel_init
   lora: LoraConfig = LoraConfig()
   quant: QuantConfig = QuantConfig()
+  prune: PruneConfig = PruneConfig()
   deterministic: bool = True  # False: the adapter's dropout is on (training).
 
   @nn.compact
@@ -70,6 +72,8 @@ class Dense(nn.Module):
           'kernel',
           nn.with_logical_partitioning(self.kernel_init, (*self.in_axes, *self.out_axes)),
           (*in_shape, *self.features), self.param_dtype).astype(self.dtype)
+      if self.prune.masks(path):
+        float_kernel = jnp.where(self._mask(in_shape).reshape(float_kernel.shape), float_kernel, 0)
       x_quantized = x
       if quantized:  # Quantization-aware training: the int8 model's values, float gradients.
         float_kernel = int8.fake_quantize_kernel(float_kernel, num_in, self.quant)
@@ -85,6 +89,13 @@ class Dense(nn.Module):
           tuple(self.features), self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
+
+  def _mask(self, in_shape) -> jax.Array:
+    """The `prune` collection's bool mask [prod(in), prod(out)], all True until pruned
+    (lepton_jax/prune.py): sharded as the kernel's first input and first output axes."""
+    shape = (math.prod(in_shape), math.prod(self.features))
+    return self.variable('prune', 'kernel', nn.with_logical_partitioning(
+        lambda: jnp.ones(shape, jnp.bool_), (self.in_axes[0], self.out_axes[0]))).value
 
   def _int8_weight(self, in_shape) -> tuple[jax.Array, jax.Array]:
     num_in = len(in_shape)

@@ -41,7 +41,7 @@ class Mlp(nn.Module):
     dense = lambda features, in_axes, out_axes, name: layers.Dense(
         (features,), in_axes=in_axes, out_axes=out_axes, use_bias=cfg.mlp_bias,
         dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=cfg.lora, quant=cfg.quant,
-        deterministic=deterministic, name=name)
+        prune=cfg.prune, deterministic=deterministic, name=name)
     act, gated = ACTIVATIONS[cfg.mlp], cfg.mlp in GATED_MLPS
     hook = lambda name, x: hooks.point(self, name, x)
     h_BTF = hook('hook_pre_linear' if gated else 'hook_pre',
@@ -165,4 +165,4 @@ def head(cfg: ModelConfig, embed: layers.Embed, x_BTD: jax.Array,
     return embed.attend(x_BTD)
   return layers.Dense((cfg.vocab_size,), in_axes=('embed',), out_axes=('vocab',), dtype=cfg.dtype,
                       param_dtype=cfg.param_dtype, lora=cfg.lora, quant=cfg.quant,
-                      deterministic=deterministic, name='head')(x_BTD)
+                      prune=cfg.prune, deterministic=deterministic, name='head')(x_BTD)
