@@ -30,12 +30,12 @@ from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
-from lepton_jax import checkpoint, objectives, quant, sharding, steps, tree
+from lepton_jax import checkpoint, config_lib, objectives, quant, sharding, steps, tree
 from lepton_jax.model import Transformer
 from lepton_jax.model.config import ARCHITECTURE_FIELDS, ModelConfig, PruneConfig
-from lepton_jax.pretrained import RUN_CONFIG
 
 MASKS = 'prune'  # The variable collection (train_state.MASKS).
 
@@ -91,8 +91,7 @@ def masks_for(prune: PruneConfig, params: dict, masks: dict, sparsity) -> dict:
   else:  # global: one ranking over every masked weight.
     leaves, treedef = jax.tree.flatten(score)
     flat = kept(jnp.concatenate([leaf.reshape(-1) for leaf in leaves]), sparsity)
-    sizes = [leaf.size for leaf in leaves]
-    pieces = jnp.split(flat, [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)])
+    pieces = jnp.split(flat, np.cumsum([leaf.size for leaf in leaves])[:-1])
     return jax.tree.unflatten(treedef, [p.reshape(l.shape) for p, l in zip(pieces, leaves)])
   return jax.tree.map(lambda s, mask: jax.vmap(per_matrix)(s) if _stacked(mask) else
                       per_matrix(s), score, masks)
@@ -328,7 +327,7 @@ def nonzero_count(params: dict) -> int:
 
 def read_pruned_config(workdir: str) -> ml_collections.ConfigDict | None:
   """DIR/config.json of a pruned checkpoint (scripts/prune.py), or None where it is not one."""
-  file = epath.Path(workdir) / RUN_CONFIG
+  file = epath.Path(workdir) / config_lib.RUN_CONFIG
   if not file.exists():
     return None
   saved = json.loads(file.read_text())
@@ -367,7 +366,7 @@ def save(out: str, config: ml_collections.ConfigDict, model: Transformer, variab
   checkpointer = checkpoint.Checkpointer(out)
   checkpointer.save_variables(0, variables, checkpoint.describe(variables, all_params))
   checkpointer.close()
-  (out_dir / RUN_CONFIG).write_text(saved.to_json_best_effort(indent=2))
+  (out_dir / config_lib.RUN_CONFIG).write_text(saved.to_json_best_effort(indent=2))
 
 
 def loss_gradients(model: Transformer, variables: dict, batches: list[dict]) -> list[dict]:
