@@ -119,6 +119,10 @@ class Checkpointer:
     checkpointer.wait_until_finished()
     return None
 
+  def teacher_reference(self, step: int) -> dict | None:
+    """Checkpoint `step`'s record of its distillation teacher (lepton_jax/distill.py), if any."""
+    return self._meta(step).get('teacher')
+
   def frozen_reference(self, step: int) -> dict | None:
     """Checkpoint `step`'s `frozen_from` reference, if its frozen variables live in a source."""
     return self._meta(step).get('frozen_from')

@@ -94,7 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.z_loss = 0.0  # Weight of log(Z)^2 (PaLM); 1e-4 stabilises large bf16 runs.
   # What a step minimises. lm: cross-entropy on every target token. sft: on the loss tokens of
   # task records (data.source='jsonl': completions, assistant turns). Both are normalised per
-  # counted token over the global batch, micro-batches of grad_accum_steps included.
+  # counted token over the global batch, micro-batches of grad_accum_steps included. distill:
+  # knowledge distillation from config.distill.teacher (below) mixed with the data's.
   config.objective = 'lm'
   config.log_every_steps = 10
   config.eval_every_steps = 200
@@ -173,6 +174,19 @@ def base_config() -> ml_collections.ConfigDict:
       every_steps=100,  # every this many steps, from initial_sparsity:
       initial_sparsity=0.0,  # s_t = s + (s_0 - s) (1 - (t - begin) / (end - begin))^3.
       layers=(r'layers(_\d+)?/.*',),  # magnitude, n:m: regexes over Dense paths (not the head).
+  ))
+
+  # Knowledge distillation (config.objective='distill', lepton_jax/distill.py): per counted token
+  # the student minimises alpha T^2 KL(teacher_T || student_T) + (1 - alpha) cross-entropy
+  # (Hinton et al. 2015), softmaxes at temperature T. The teacher, of any shape but sharing the
+  # student's tokenizer, is frozen and runs in the same step on the same mesh.
+  config.distill = ml_collections.ConfigDict(dict(
+      teacher='',  # workdir:DIR[:STEP] (a lepton run) | hf:DIR (a Hugging Face model)
+      temperature=2.0,
+      alpha=0.5,  # The KL's weight; 1 - alpha the data cross-entropy's.
+      top_k=0,  # k > 0: the KL over the teacher's k likeliest tokens (both renormalised there).
+      teacher_dtype='float32',  # float32 | bfloat16: the teacher's params and compute.
+      teacher_quant='none',  # none | int8: the teacher's weights int8 per channel.
   ))
 
   config.data = ml_collections.ConfigDict(dict(
@@ -294,7 +308,7 @@ def llama_c4_pretraining(slice_mesh: dict, batch_size: int,
   return config
 
 
-OBJECTIVES = ('lm', 'sft')  # config.objective
+OBJECTIVES = ('lm', 'sft', 'distill')  # config.objective
 # Names come from the tables that the implementing code dispatches on.
 CHOICES = {
     'model.mlp': tuple(transformer.ACTIVATIONS),
@@ -324,6 +338,8 @@ CHOICES = {
     'prune.scope': model_fields.PRUNE_SCOPES,
     'prune.importance': model_fields.PRUNE_IMPORTANCES,
     'prune.schedule': model_fields.PRUNE_SCHEDULES,
+    'distill.teacher_dtype': transformer.DTYPES,
+    'distill.teacher_quant': model_fields.QUANT_WEIGHTS,
 }
 POSITIVE = ('total_steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every_steps',
             'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
@@ -375,7 +391,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError('config.model.vocab_size must be >= 0 and config.model.dropout in [0, 1)')
   QuantConfig.from_config(config.quant).check(m.tie_embeddings)
   PruneConfig.from_config(config.prune).check()
+  validate_distill(config)
   validate_sample(config.sample, m.max_seq_len)
+
+
+def validate_distill(config: ml_collections.ConfigDict) -> None:
+  """config.distill, when config.objective='distill'."""
+  if config.objective != 'distill':
+    return
+  d = config.distill
+  if not d.teacher:
+    raise ValueError("config.objective='distill' needs config.distill.teacher: "
+                     "'workdir:DIR[:STEP]' (a lepton run) or 'hf:DIR'")
+  if d.temperature <= 0:
+    raise ValueError(f'config.distill.temperature={d.temperature}: must be positive')
+  if not 0.0 <= d.alpha <= 1.0:
+    raise ValueError(f'config.distill.alpha={d.alpha}: must be in [0, 1]')
+  if d.top_k < 0:
+    raise ValueError(f'config.distill.top_k={d.top_k}: must be >= 0 (0: every token)')
 
 
 def validate_task_data(config: ml_collections.ConfigDict) -> None:

@@ -73,10 +73,64 @@ def lm(z_loss: float = 0.0) -> Objective:
   return Objective(functools.partial(masked_cross_entropy, z_loss=z_loss), count='tokens')
 
 
+def softened_kl(teacher_BTV: jax.Array, student_BTV: jax.Array, temperature: float,
+                top_k: int) -> jax.Array:
+  """KL(p_T || q_T) per token [B, T] of the teacher's and the student's softmax at
+  `temperature`; with `top_k`, of both restricted to the teacher's k most likely tokens and
+  renormalised there (a student equal to its teacher scores 0 either way)."""
+  if top_k:
+    teacher_BTV, index_BTK = jax.lax.top_k(teacher_BTV, top_k)
+    student_BTV = jnp.take_along_axis(student_BTV, index_BTK, axis=-1)
+  log_p_BTV = jax.nn.log_softmax(teacher_BTV / temperature, axis=-1)
+  log_q_BTV = jax.nn.log_softmax(student_BTV / temperature, axis=-1)
+  return jnp.sum(jnp.exp(log_p_BTV) * (log_p_BTV - log_q_BTV), axis=-1)
+
+
+def distillation(policy: Forward, frozen: Forward | None, batch: Batch, *, temperature: float,
+                 alpha: float, top_k: int, z_loss: float) -> tuple[jax.Array, Sums]:
+  """distill: alpha T^2 KL(teacher_T || student_T) + (1 - alpha) cross-entropy on the data, per
+  token the batch's 'mask' counts (Hinton et al. 2015: T^2 keeps the soft targets' gradients
+  at the scale of the hard ones'). `frozen` is the teacher."""
+  inputs = (batch['inputs'], batch.get('positions'), batch.get('segment_ids'))
+  student_BTV = policy(*inputs).astype(jnp.float32)
+  teacher_BTV = jax.lax.stop_gradient(frozen(*inputs)).astype(jnp.float32)
+  ce_BT, correct_BT = token_losses(student_BTV, batch['targets'], z_loss)
+  kl_BT = softened_kl(teacher_BTV, student_BTV, temperature, top_k)
+  mask_BT = batch['mask'] if 'mask' in batch else jnp.ones_like(ce_BT)
+  loss_BT = alpha * temperature ** 2 * kl_BT + (1 - alpha) * ce_BT
+  total = lambda x_BT: jnp.sum(x_BT * mask_BT)
+  return total(loss_BT), {'tokens': jnp.sum(mask_BT), 'correct': total(correct_BT),
+                          'kl': total(kl_BT), 'cross_entropy': total(ce_BT)}
+
+
+def distill(teacher, temperature: float = 2.0, alpha: float = 0.5, top_k: int = 0,
+            z_loss: float = 0.0) -> Objective:
+  """Knowledge distillation from `teacher` (a Transformer whose variables are the frozen
+  collection distill.TEACHER, lepton_jax/distill.py) on the student's tokens."""
+  loss = functools.partial(distillation, temperature=temperature, alpha=alpha, top_k=top_k,
+                           z_loss=z_loss)
+  frozen_model = lambda variables: _forward(teacher, variables[TEACHER])
+  return Objective(loss, 'tokens', ('kl', 'cross_entropy'), frozen_model)
+
+
+TEACHER = 'teacher'  # The frozen collection holding a distillation teacher's variables.
+
+
+def _forward(model, variables: dict) -> Forward:
+  def forward(tokens_BT, positions_BT=None, segment_ids_BT=None):
+    return model.apply(variables, tokens_BT, positions_BT, segment_ids_BT=segment_ids_BT)
+  return forward
+
+
 def from_config(config: ml_collections.ConfigDict, model) -> Objective:
   """The objective `config.objective` names, with its settings from the config; `model` (the
   Transformer being trained) is what a frozen model is derived from."""
-  del model
   if config.objective in ('lm', 'sft'):
     return lm(config.z_loss)
+  if config.objective == 'distill':
+    # pylint: disable-next=g-import-not-at-top  (lepton_jax.distill imports this module)
+    from lepton_jax import distill as distill_teacher
+    d = config.distill
+    return distill(distill_teacher.teacher_model(config, model.cfg), d.temperature, d.alpha,
+                   d.top_k, config.z_loss)
   raise ValueError(f'config.objective={config.objective!r}: no such objective')

@@ -15,7 +15,8 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from lepton_jax import checkpoint, cli, config_lib, data, distributed, evals, experiment, flops
+from lepton_jax import checkpoint, cli, config_lib, data, distill, distributed, evals, experiment
+from lepton_jax import flops
 from lepton_jax import metrics, pretrained, sample, sharding, train_state
 
 
@@ -137,6 +138,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                 run.model_config.tie_embeddings)
     flops_per_token = flops.train_flops_per_token(run.model_config, config.seq_len, frozen_matmuls)
     batch_sharding = sharding.batch_sharding(mesh, rules)
+    teacher = None  # The frozen teacher the step reads besides the run's variables.
+    if config.objective == 'distill':
+      teacher = distill.load(config, tokenizer, run.model_config, mesh, rules)
     latest = checkpointer.latest_step()
     if latest is None:
       start_from = None
@@ -152,9 +156,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state, frozen = checkpointer.restore(latest, layout, train_iter,
                                            data_state_is_global=not config.data.streaming)
       frozen_from = checkpointer.frozen_reference(latest)
+      if teacher:
+        teacher.check_resumed(checkpointer.teacher_reference(latest), workdir)
     meta = dict(run.meta, frozen_from=frozen_from) if frozen_from else run.meta
+    step_layout, step_frozen = layout, frozen
+    if teacher:
+      meta = dict(meta, teacher=teacher.reference)
+      step_layout, step_frozen = teacher.step_layout(layout), teacher.step_frozen(frozen)
 
-    train_fn = train_state.jit_train_step(model, tx, schedule, config, layout, batch_sharding)
+    train_fn = train_state.jit_train_step(model, tx, schedule, config, step_layout,
+                                          batch_sharding)
     variables = lambda: state.variables(frozen)
 
     step = int(state.step)
@@ -198,8 +209,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pending = None
     try:
       while step < config.total_steps:
-        state, device_metrics = train_fn(state, frozen, global_batch(next(train_iter),
-                                                                     batch_sharding))
+        state, device_metrics = train_fn(state, step_frozen, global_batch(next(train_iter),
+                                                                          batch_sharding))
         step += 1
         bar.update(1)
         if pending:

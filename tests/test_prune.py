@@ -150,8 +150,8 @@ def test_pruned_weights_and_their_moments_stay_zero_and_a_resumed_run_keeps_its_
   resumed = restored_state(config, tmp_path / 'resumed', 10)
   assert jax.tree.all(jax.tree.map(np.array_equal, resumed.masks, masks))
   # Readers need no masks: the run's config without pruning loads the zeroed kernels.
-  model, variables, _ = sample.load(override(ml_collections.ConfigDict(config.to_dict()),
-                                             **{'prune.method': 'none'}), str(tmp_path / 'straight'))
+  unpruned = override(ml_collections.ConfigDict(config.to_dict()), **{'prune.method': 'none'})
+  model, variables, _ = sample.load(unpruned, str(tmp_path / 'straight'))
   assert prune.MASKS not in variables
   assert jax.tree.all(jax.tree.map(np.array_equal, variables['params'], state_10.trainable))
 
