@@ -8,7 +8,7 @@ import importlib.util
 
 import ml_collections
 
-from lepton_jax import data, generate, optim
+from lepton_jax import data, generate, objectives, optim
 from lepton_jax.model import attention, layers, transformer
 from lepton_jax.model.config import LORA_INITS, PruneConfig, QuantConfig
 from lepton_jax.model import config as model_fields
@@ -81,6 +81,13 @@ def model_config() -> ml_collections.ConfigDict:
       remat='none',  # none | full | dots | dots_no_batch
       param_dtype='float32',
       dtype='float32',  # compute dtype: activations and matmul inputs.
+      # lm: next-token logits. classify: a `score` Dense [d_model, num_labels] on one hidden
+      # state per row (pool: last, the rightmost token that is not pad_id, as transformers; or
+      # mean over those), trained by config.objective='classify'.
+      head='lm',
+      num_labels=0,  # classify; 0: len(config.data.labels).
+      pool='last',
+      pad_id=-1,  # classify: the id that pads rows; -1: the tokenizer's eos id.
   ))
 
 
@@ -92,11 +99,18 @@ def base_config() -> ml_collections.ConfigDict:
   config.seq_len = 128
   config.grad_accum_steps = 1  # Micro-batches per step; batch_size must divide evenly.
   config.z_loss = 0.0  # Weight of log(Z)^2 (PaLM); 1e-4 stabilises large bf16 runs.
-  # What a step minimises. lm: cross-entropy on every target token. sft: on the loss tokens of
-  # task records (data.source='jsonl': completions, assistant turns). Both are normalised per
-  # counted token over the global batch, micro-batches of grad_accum_steps included. distill:
-  # knowledge distillation from config.distill.teacher (below) mixed with the data's.
+  # What a step minimises (lepton_jax/objectives.py). lm: cross-entropy on every target token.
+  # sft: on the loss tokens of task records (data.source='jsonl': completions, assistant turns).
+  # Both are normalised per counted token over the global batch, micro-batches of
+  # grad_accum_steps included. distill: knowledge distillation from config.distill.teacher
+  # (below) mixed with the data's. classify: cross-entropy of the classify head (model.head) on
+  # data.format='classification' records, per record. dpo: Direct Preference Optimization on
+  # data.format='preference' pairs (config.dpo), per pair.
   config.objective = 'lm'
+  # dpo: the loss (sigmoid: DPO, ipo: IPO, robust: rDPO), its beta and label smoothing (cDPO
+  # with sigmoid, rDPO's noise rate with robust), as TRL's DPOTrainer. The reference is the
+  # starting policy: with LoRA the base with the adapters off, otherwise a frozen copy.
+  config.dpo = ml_collections.ConfigDict(dict(loss='sigmoid', beta=0.1, label_smoothing=0.0))
   config.log_every_steps = 10
   config.eval_every_steps = 200
   config.eval_batches = 8
@@ -308,7 +322,11 @@ def llama_c4_pretraining(slice_mesh: dict, batch_size: int,
   return config
 
 
-OBJECTIVES = ('lm', 'sft', 'distill')  # config.objective
+OBJECTIVES = ('lm', 'sft', 'distill', 'classify', 'dpo')  # config.objective
+# The data.format each objective trains on (data.source='jsonl').
+OBJECTIVE_FORMATS = {'lm': data.TOKENIZED_FORMATS, 'sft': data.TOKENIZED_FORMATS,
+                     'distill': data.TOKENIZED_FORMATS, 'classify': ('classification',),
+                     'dpo': ('preference',)}
 # Names come from the tables that the implementing code dispatches on.
 CHOICES = {
     'model.mlp': tuple(transformer.ACTIVATIONS),
@@ -319,11 +337,14 @@ CHOICES = {
     'model.remat': ('none', *transformer.REMAT_POLICIES),
     'model.param_dtype': transformer.DTYPES,
     'model.dtype': transformer.DTYPES,
+    'model.head': model_fields.HEADS,
+    'model.pool': model_fields.POOLS,
     'data.source': tuple(data.SOURCES),
     'data.tokenizer': tuple(data.TOKENIZERS),
     'data.format': data.FORMATS,
     'data.truncate': ('left', 'right'),
     'objective': OBJECTIVES,
+    'dpo.loss': objectives.DPO_LOSSES,
     'optimizer.name': optim.OPTIMIZERS,
     'optimizer.schedule': optim.SCHEDULES,
     'nonfinite': ('stop', 'skip'),  # What train.NonFiniteGuard does with a non-finite step.
@@ -417,11 +438,27 @@ def validate_task_data(config: ml_collections.ConfigDict) -> None:
   if config.objective == 'sft' and d.source != 'jsonl':
     raise ValueError(f"config.objective='sft' trains on the loss tokens of task records: set "
                      f"config.data.source='jsonl' (got {d.source!r})")
+  if (config.objective == 'classify') != (config.model.head == 'classify'):
+    raise ValueError(f'config.model.head={config.model.head!r} with config.objective='
+                     f"{config.objective!r}: the classify objective trains the classify head, "
+                     "and only it; set both or neither")
+  if config.objective in ('classify', 'dpo') and d.source != 'jsonl':
+    raise ValueError(f'config.objective={config.objective!r} trains on task records: set '
+                     f"config.data.source='jsonl' and config.data.format="
+                     f"{OBJECTIVE_FORMATS[config.objective][0]!r} (got source {d.source!r})")
   if d.source != 'jsonl':
     return
-  if d.format not in data.TOKENIZED_FORMATS:
-    raise ValueError(f'config.data.format={d.format!r}: records of this format parse, but no '
-                     f'objective trains on them yet; use one of {data.TOKENIZED_FORMATS}')
+  if d.format not in OBJECTIVE_FORMATS[config.objective]:
+    raise ValueError(f'config.data.format={d.format!r} is not what config.objective='
+                     f'{config.objective!r} trains on; use one of '
+                     f'{OBJECTIVE_FORMATS[config.objective]}')
+  if d.format == 'classification' and not d.labels:
+    raise ValueError("config.data.labels is empty: data.format='classification' needs the label "
+                     'list (names or ids) that records label with')
+  dpo = config.dpo
+  if config.objective == 'dpo' and (dpo.beta <= 0 or not 0 <= dpo.label_smoothing < 0.5):
+    raise ValueError(f'config.dpo.beta={dpo.beta} must be positive and config.dpo.'
+                     f'label_smoothing={dpo.label_smoothing} in [0, 0.5)')
   if d.streaming:
     raise ValueError("config.data.streaming=True: jsonl task records are read and packed up "
                      "front; set it to False")
@@ -441,9 +478,15 @@ def validate_sample(sample: ml_collections.ConfigDict, max_seq_len: int) -> None
     raise ValueError(f'config.sample.{e}') from None
 
 
-def resolve_vocab(model_config: ml_collections.ConfigDict, tokenizer) -> ml_collections.ConfigDict:
-  """The model config with vocab_size filled in from the tokenizer, or checked against it."""
+def resolve_vocab(model_config: ml_collections.ConfigDict, tokenizer,
+                  labels=()) -> ml_collections.ConfigDict:
+  """The model config with vocab_size filled in from the tokenizer, or checked against it, and
+  the classify head's pad_id (the tokenizer's eos id) and num_labels (len(labels)) where unset."""
   model_config = ml_collections.ConfigDict(model_config.to_dict())
+  if model_config.pad_id < 0:
+    model_config.pad_id = tokenizer.eos_id
+  if model_config.head == 'classify' and not model_config.num_labels:
+    model_config.num_labels = len(labels)
   if not model_config.vocab_size:
     model_config.vocab_size = tokenizer.vocab_size
   elif tokenizer.vocab_size > model_config.vocab_size:

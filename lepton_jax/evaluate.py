@@ -8,7 +8,8 @@ Reads params only (any optimizer, onto the mesh `config.mesh` describes) and run
 loss on the config's data and every evaluator of `config.evals` (lepton_jax/evals/evaluators.py),
 with the metric names training logs (eval/loss, eval/bits_per_byte, eval/NAME/acc, ...), plus
 what the model costs (cost/params, cost/param_bytes[/DTYPE], cost/forward_tokens_per_sec,
-cost/eval_step_peak_bytes). Prints a markdown table; --out also writes the results as JSON.
+cost/eval_step_peak_bytes). Prints a markdown table; --out also writes the results as JSON
+(and, for a config.objective='classify' run, the confusion matrix in it and as OUT.confusion.png).
 
 With --hf_dir the model and tokenizer are the directory's; the config (default: the base one)
 gives the data, the mesh and the evaluators.
@@ -22,6 +23,7 @@ import ml_collections
 
 from lepton_jax import cli, config_lib, evals, lora, quant, sample, sharding
 from lepton_jax.evals import cost
+from lepton_jax.evals import objective as objective_eval
 from lepton_jax.model.config import QuantConfig
 
 TASK_TYPES = tuple(t for t in evals.TYPES if t not in ('lm', 'humaneval'))  # Those with a file.
@@ -70,13 +72,17 @@ def task_specs(tasks: list[str]) -> dict[str, dict]:
 
 def evaluate(config: ml_collections.ConfigDict, model, variables, tokenizer,
              tasks: dict[str, dict] | None = None, measure_cost: bool = True,
-             adapter: str | None = None) -> dict[str, float]:
+             adapter: str | None = None, confusion: list | None = None) -> dict[str, float]:
   """Every evaluator of `config` (and `tasks`) once, and the model's cost; with `variables` a
-  lora.AdapterSet, of its adapter `adapter`."""
+  lora.AdapterSet, of its adapter `adapter`. A classify run's confusion matrix (true x
+  predicted) is appended to `confusion` when given."""
   variables = lora.chosen(variables, adapter)
   mesh, rules = sharding.make_mesh(config.mesh), config.mesh.rules
   with sharding.use_mesh(mesh, rules):
-    metrics = evals.run(evals.build(config, model, tokenizer, mesh, rules, tasks), variables)
+    evaluators = evals.build(config, model, tokenizer, mesh, rules, tasks)
+    metrics = evals.run(evaluators, variables)
+    if confusion is not None and getattr(evaluators[0].evaluate, 'confusion', None) is not None:
+      confusion.append(evaluators[0].evaluate.confusion.tolist())
     if measure_cost:
       weights = {name: variables[name] for name in ('params', 'quant') if name in variables}
       measured = {**cost.param_counts(weights),  # int8 weights and their scales included.
@@ -106,10 +112,16 @@ def main(argv):
     config_lib.validate(config)
     tasks = task_specs(f.tasks)
     model, variables, tokenizer = load(config, f.workdir, f.hf_dir, f.step)
-    metrics = evaluate(config, model, variables, tokenizer, tasks, f.cost)
+    confusion = []
+    metrics = evaluate(config, model, variables, tokenizer, tasks, f.cost,
+                       confusion=confusion)
     if jax.process_index() == 0:
       if f.out:
         source = {'hf_dir': f.hf_dir} if f.hf_dir else {'workdir': f.workdir, 'step': f.step}
+        if confusion:
+          source['confusion'] = confusion[0]
+          objective_eval.plot_confusion(confusion[0], config.data.labels,
+                                         str(epath.Path(f.out).with_suffix('.confusion.png')))
         epath.Path(f.out).write_text(json.dumps({**source, 'metrics': metrics}, indent=2))
       print(markdown_table(metrics), flush=True)
 

@@ -28,7 +28,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, same_split: bool,
   `same_split`, as for resuming training, trains other ones), before anything is written.
   """
   tokenizer = data.build_tokenizer(config.data, workdir, train_if_missing=train_tokenizer)
-  model_config = ModelConfig.from_config(config_lib.resolve_vocab(config.model, tokenizer),
+  model_config = ModelConfig.from_config(config_lib.resolve_vocab(config.model, tokenizer,
+                                                                   config.data.labels),
                                          config.lora, config.quant, config.prune)
   model = Transformer(model_config)
   variables = sharding.unbox_abstract(train_state.boxed_variables(model, config.seq_len))

@@ -26,10 +26,14 @@ ADAPTERS = (r'(.*/)?lora_(a|b|magnitude)',)
 B_PARAMS = (r'(.*/)?lora_b',)  # What LoRA+'s plus_ratio scales.
 
 
+SCORE = (r'score/.*',)  # A classify head: new, so it trains beside adapters (PEFT's modules_to_save).
+
+
 def trainable_patterns(config) -> tuple[str, ...]:
-  """config.trainable, or the adapters when LoRA is on and trainable is the default."""
+  """config.trainable, or the adapters (and a classify head) when LoRA is on and trainable is
+  the default."""
   if config.lora.targets and tuple(config.trainable) == ('.*',):
-    return ADAPTERS
+    return ADAPTERS + (SCORE if config.model.head == 'classify' else ())
   return tuple(config.trainable)
 
 

@@ -9,7 +9,7 @@ An objective is `loss(policy, frozen, batch) -> (loss_sum, sums)`:
   batch   the batch's arrays, and any frozen inputs the data carries (precomputed log-probs).
 
 `loss_sum` is the sum of per-unit losses over the batch (a unit is a counted token for lm and
-sft) and `sums` holds `sums[objective.count]`, the number of units, with the sums of the metrics
+sft, a record for classify, a preference pair for dpo) and `sums` holds `sums[objective.count]`, the number of units, with the sums of the metrics
 the objective reports. The step divides the loss, its gradient and each metric by the global
 total of that count, summed over micro-batches first: so gradient accumulation, and evaluation
 over several batches, are exact for every objective.
@@ -35,6 +35,9 @@ class Objective:
   reported: tuple[str, ...] = ()  # The sums logged as metrics (per counted unit) in training.
   # variables -> the frozen model's forward (see the module docstring); None: no frozen model.
   frozen_model: Callable[[dict], Forward] | None = None
+  # A frozen variable collection that starts as a copy of the params (DPO's reference when the
+  # whole model trains); train_state.make_layout adds it, so it is checkpointed once per run.
+  params_copy: str | None = None
 
   def metrics(self, loss_sum, sums: Sums, prefix: str) -> dict[str, jax.Array]:
     """`prefix + 'loss'` and the `reported` sums, each per counted unit."""
@@ -116,6 +119,122 @@ def distill(teacher, temperature: float = 2.0, alpha: float = 0.5, top_k: int = 
 TEACHER = 'teacher'  # The frozen collection holding a distillation teacher's variables.
 
 
+def classification(policy: Forward, frozen: Forward | None, batch: Batch) -> tuple[jax.Array, Sums]:
+  """classify: cross-entropy of the classify head's logits [B, C] against 'labels' [B], over the
+  rows the batch's 'mask' [B] counts; the sums hold the correct count and the confusion matrix
+  [C, C] (true label x predicted), from which evaluation derives accuracy and macro-F1."""
+  del frozen
+  logits_BC = policy(batch['inputs']).astype(jnp.float32)
+  labels_B, mask_B = batch['labels'], batch['mask']
+  log_probs_BC = jax.nn.log_softmax(logits_BC)
+  loss_B = -jnp.take_along_axis(log_probs_BC, labels_B[:, None], axis=-1)[:, 0]
+  predicted_B = jnp.argmax(logits_BC, axis=-1)
+  num_labels = logits_BC.shape[-1]
+  confusion_CC = jnp.einsum('b,bt,bp->tp', mask_B, jax.nn.one_hot(labels_B, num_labels),
+                            jax.nn.one_hot(predicted_B, num_labels))
+  return jnp.sum(loss_B * mask_B), {'examples': jnp.sum(mask_B),
+                                    'accuracy': jnp.sum((predicted_B == labels_B) * mask_B),
+                                    'confusion': confusion_CC}
+
+
+def classify() -> Objective:
+  return Objective(classification, count='examples', reported=('accuracy',))
+
+
+DPO_LOSSES = ('sigmoid', 'ipo', 'robust')  # config.dpo.loss
+DPO_METRICS = ('rewards/chosen', 'rewards/rejected', 'rewards/accuracies', 'rewards/margins',
+               'logps/chosen', 'logps/rejected')  # TRL's names.
+
+
+def sequence_logps(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+  """log p(targets) summed over the masked targets of each row: [B]."""
+  log_z_BT = jax.nn.logsumexp(logits_BTV.astype(jnp.float32), axis=-1)
+  target_BT = jnp.take_along_axis(logits_BTV.astype(jnp.float32), targets_BT[..., None],
+                                  axis=-1)[..., 0]
+  return jnp.sum((target_BT - log_z_BT) * mask_BT, axis=-1)
+
+
+def dpo_losses(chosen_B, rejected_B, reference_chosen_B, reference_rejected_B, *, loss: str,
+               beta: float, label_smoothing: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(loss, chosen reward, rejected reward) per pair from the sequence log-probs, as TRL:
+
+    h = (pi_c - ref_c) - (pi_r - ref_r)
+    sigmoid  -(1 - eps) logsigmoid(beta h) - eps logsigmoid(-beta h)   (DPO; eps: cDPO)
+    robust   (-(1 - eps) logsigmoid(beta h) + eps logsigmoid(-beta h)) / (1 - 2 eps)  (rDPO)
+    ipo      (h - 1 / (2 beta))^2                    (IPO; on length-averaged log-probs)
+
+  with eps = label_smoothing; the rewards are beta (pi - ref) of each completion.
+  """
+  chosen_ratio_B, rejected_ratio_B = chosen_B - reference_chosen_B, rejected_B - reference_rejected_B
+  h_B = chosen_ratio_B - rejected_ratio_B
+  eps = label_smoothing
+  if loss == 'sigmoid':
+    loss_B = -(1 - eps) * jax.nn.log_sigmoid(beta * h_B) - eps * jax.nn.log_sigmoid(-beta * h_B)
+  elif loss == 'robust':
+    loss_B = ((-(1 - eps) * jax.nn.log_sigmoid(beta * h_B) + eps * jax.nn.log_sigmoid(-beta * h_B))
+              / (1 - 2 * eps))
+  elif loss == 'ipo':
+    loss_B = jnp.square(h_B - 1 / (2 * beta))
+  else:
+    raise ValueError(f'config.dpo.loss={loss!r}: expected one of {DPO_LOSSES}')
+  return loss_B, beta * chosen_ratio_B, beta * rejected_ratio_B
+
+
+def preference(policy: Forward, frozen: Forward | None, batch: Batch, *, loss: str, beta: float,
+               label_smoothing: float) -> tuple[jax.Array, Sums]:
+  """dpo: the DPO loss of each pair the batch's 'mask' [B] counts.
+
+  The batch holds chosen_ and rejected_ inputs, targets, positions and loss_mask [B, T] (the
+  completion's targets, its eos included); both run through the model as one [2B, T] batch. The
+  reference's log-probs are the batch's 'reference_chosen_logps' / '_rejected_logps' [B] when it
+  carries them (precomputed), the frozen model's otherwise.
+  """
+  both = lambda key: jnp.concatenate([batch[f'chosen_{key}'], batch[f'rejected_{key}']])
+  inputs_BT, positions_BT = both('inputs'), both('positions')
+  targets_BT, loss_mask_BT = both('targets'), both('loss_mask')
+  if loss == 'ipo':  # IPO compares length-averaged log-probs (as TRL does).
+    loss_mask_BT = loss_mask_BT / jnp.maximum(loss_mask_BT.sum(-1, keepdims=True), 1.0)
+  logps_B = sequence_logps(policy(inputs_BT, positions_BT), targets_BT, loss_mask_BT)
+  if 'reference_chosen_logps' in batch:
+    reference_B = jnp.concatenate([batch['reference_chosen_logps'],
+                                   batch['reference_rejected_logps']])
+  else:
+    reference_B = sequence_logps(frozen(inputs_BT, positions_BT), targets_BT, loss_mask_BT)
+  reference_B = jax.lax.stop_gradient(reference_B)
+  chosen_B, rejected_B = jnp.split(logps_B, 2)
+  loss_B, chosen_reward_B, rejected_reward_B = dpo_losses(
+      chosen_B, rejected_B, *jnp.split(reference_B, 2), loss=loss, beta=beta,
+      label_smoothing=label_smoothing)
+  mask_B = batch['mask']
+  total = lambda x_B: jnp.sum(x_B * mask_B)
+  return total(loss_B), {
+      'pairs': jnp.sum(mask_B), 'rewards/chosen': total(chosen_reward_B),
+      'rewards/rejected': total(rejected_reward_B),
+      'rewards/accuracies': total((chosen_reward_B > rejected_reward_B).astype(jnp.float32)),
+      'rewards/margins': total(chosen_reward_B - rejected_reward_B),
+      'logps/chosen': total(chosen_B), 'logps/rejected': total(rejected_B)}
+
+
+REFERENCE = 'reference'  # The frozen collection holding DPO's reference when the model trains.
+
+
+def dpo(model, loss: str = 'sigmoid', beta: float = 0.1, label_smoothing: float = 0.0) -> Objective:
+  """DPO against a frozen reference: the starting policy. With LoRA adapters that is the same
+  base with the adapters switched off (the model applied without its lora config reads the same
+  variables, so nothing is copied); otherwise a copy of the starting params, kept in the frozen
+  collection REFERENCE."""
+  settings = functools.partial(preference, loss=loss, beta=beta, label_smoothing=label_smoothing)
+  cfg = model.cfg
+  if cfg.lora.enabled:
+    base = type(model)(dataclasses.replace(cfg, lora=type(cfg.lora)()))
+    frozen_model = lambda variables: _forward(base, jax.lax.stop_gradient(variables))
+    return Objective(settings, 'pairs', DPO_METRICS, frozen_model)
+  frozen_model = lambda variables: _forward(model, jax.lax.stop_gradient(
+      {'params': variables[REFERENCE], **{k: v for k, v in variables.items()
+                                          if k not in ('params', REFERENCE)}}))
+  return Objective(settings, 'pairs', DPO_METRICS, frozen_model, params_copy=REFERENCE)
+
+
 def _forward(model, variables: dict) -> Forward:
   def forward(tokens_BT, positions_BT=None, segment_ids_BT=None):
     return model.apply(variables, tokens_BT, positions_BT, segment_ids_BT=segment_ids_BT)
@@ -133,4 +252,8 @@ def from_config(config: ml_collections.ConfigDict, model) -> Objective:
     d = config.distill
     return distill(distill_teacher.teacher_model(config, model.cfg), d.temperature, d.alpha,
                    d.top_k, config.z_loss)
+  if config.objective == 'classify':
+    return classify()
+  if config.objective == 'dpo':
+    return dpo(model, config.dpo.loss, config.dpo.beta, config.dpo.label_smoothing)
   raise ValueError(f'config.objective={config.objective!r}: no such objective')

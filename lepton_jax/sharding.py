@@ -116,8 +116,9 @@ def check_divisible(shapes: Any, shardings: Any) -> None:
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
-  """[B, T] batches: B split over whatever 'batch' maps to, T replicated."""
-  return logical_to_shardings(P('batch', None), mesh, rules)
+  """Batches ([B, T], or [B] per row): B split over whatever 'batch' maps to, the rest
+  replicated."""
+  return logical_to_shardings(P('batch'), mesh, rules)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -17,7 +17,7 @@ import numpy as np
 
 from lepton_jax import checkpoint, cli, config_lib, data, distill, distributed, evals, experiment
 from lepton_jax import flops
-from lepton_jax import metrics, pretrained, sample, sharding, train_state
+from lepton_jax import metrics, objectives, pretrained, sample, sharding, train_state
 
 
 def global_batch(local_batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
@@ -133,7 +133,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   peak_flops = flops.peak_flops_per_device(run.model_config.dtype)
 
   with sharding.use_mesh(mesh, rules):
-    layout = train_state.make_layout(model, tx, mesh, rules, config.seq_len, run.trainable)
+    objective = objectives.from_config(config, model)
+    layout = train_state.make_layout(model, tx, mesh, rules, config.seq_len, run.trainable,
+                                     objective.params_copy)
     frozen_matmuls = flops.frozen_matmul_params(layout.variables, layout.trainable_mask,
                                                 run.model_config.tie_embeddings)
     flops_per_token = flops.train_flops_per_token(run.model_config, config.seq_len, frozen_matmuls)

@@ -51,6 +51,7 @@ class Layout:
   state_shardings: TrainState
   frozen: dict  # ShapeDtypeStructs of the frozen variables.
   frozen_shardings: dict
+  params_copy: str | None = None  # The frozen collection that starts as a copy of the params.
 
   def split(self, variables: dict) -> tuple[dict, dict]:
     return split_variables(variables, self.trainable_mask)
@@ -83,13 +84,17 @@ def trainable_mask(params: Any, patterns) -> Any:
 
 
 def make_layout(model: nn.Module, tx: optax.GradientTransformation, mesh, rules, seq_len: int,
-           trainable_patterns) -> Layout:
+           trainable_patterns, params_copy: str | None = None) -> Layout:
   """The abstract TrainState and frozen variables, and their shardings, from the model's logical
-  axis names and `trainable_patterns`."""
+  axis names and `trainable_patterns`. `params_copy` names a frozen collection that starts as a
+  copy of every param, placed like them (objectives.Objective.params_copy)."""
   variables, variable_shardings = abstract_variables(model, mesh, rules, seq_len)
   mask = trainable_mask(variables['params'], trainable_patterns)
   trainable, frozen = split_variables(variables, mask)
   trainable_shardings, frozen_shardings = split_variables(variable_shardings, mask)
+  if params_copy:
+    frozen = dict(frozen, **{params_copy: variables['params']})
+    frozen_shardings = dict(frozen_shardings, **{params_copy: variable_shardings['params']})
   opt_state = jax.eval_shape(tx.init, trainable)
   is_sharding = lambda x: isinstance(x, jax.sharding.NamedSharding)
   replicated = sharding.replicated(mesh)
@@ -105,7 +110,7 @@ def make_layout(model: nn.Module, tx: optax.GradientTransformation, mesh, rules,
                                opt_state=opt_sharding, rng=replicated,
                                masks=variable_shardings.get(MASKS))
   return Layout(variables, variable_shardings, mask, state, state_shardings, frozen,
-                frozen_shardings)
+                frozen_shardings, params_copy)
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, seq_len: int,
@@ -128,6 +133,8 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, se
       variables = model.init(params_key, tokens)
     variables = nn.unbox(variables)
     trainable, frozen = layout.split(variables)
+    if layout.params_copy:
+      frozen[layout.params_copy] = jax.tree.map(jnp.copy, variables['params'])
     state = TrainState(step=jnp.int32(0), trainable=trainable, opt_state=tx.init(trainable),
                        rng=jax.random.key_data(dropout_key), masks=variables.get(MASKS))
     return state, frozen

@@ -39,7 +39,8 @@ def main(argv):
     model, variables, tokenizer = sample.load(config, cli.FLAGS.workdir, cli.FLAGS.step)
     hf.save(model, variables, cli.FLAGS.out, tokenizer if tokenizer.path else None,
             run={'config': pretrained.resolve(config), 'metrics': last_metrics(cli.FLAGS.workdir, cli.FLAGS.step)},
-            max_shard_bytes=cli.FLAGS.max_shard_mb << 20)
+            max_shard_bytes=cli.FLAGS.max_shard_mb << 20,
+            labels=config.data.labels if model.cfg.head == 'classify' else None)
   print(f'Wrote {cli.FLAGS.out}', flush=True)
 
 

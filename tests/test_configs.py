@@ -17,7 +17,8 @@ CONFIG_NAMES = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / 'c
 
 # Configs whose argument (the weights they start from) has no default.
 CONFIG_ARGS = {'finetune_hf': '/path/to/hf_dir', 'lora_hf': '/path/to/hf_dir',
-               'sft_hf': '/path/to/hf_dir',
+               'sft_hf': '/path/to/hf_dir', 'classify_hf': '/path/to/hf_dir',
+               'dpo_hf': '/path/to/hf_dir',
                'lora_stdlib': '/path/to/workdir', 'lora_adapt': '/path/to/workdir'}
 
 

@@ -67,6 +67,8 @@ BAD_RECORDS = [
      r"field 'chosen' equals field 'rejected'"),
     ('preference', {'prompt': CHAT[:1], 'chosen': 'a', 'rejected': CHAT[1:]},
      r"field 'chosen': messages must be a non-empty list"),
+    ('preference', {'prompt': CHAT[:1], 'chosen': CHAT[:1], 'rejected': CHAT[1:]},
+     r"field 'chosen' has no assistant turn: no completion to score"),
 ]
 
 
@@ -244,12 +246,23 @@ def test_jsonl_eval_batches_are_the_packed_rows_in_order_then_empty_rows(tmp_pat
 
 @pytest.mark.parametrize('overrides,error', [
     ({'data.source': 'text'}, r"objective='sft' trains on the loss tokens of task records"),
-    ({'data.format': 'classification'}, r"data.format='classification': records of this format "
-     r'parse, but no objective trains on them yet'),
+    ({'data.format': 'classification'}, r"data.format='classification' is not what "
+     r"config.objective='sft' trains on; use one of \('text', 'prompt_completion', 'chat'\)"),
     ({'data.streaming': True}, r'streaming=True: jsonl task records are read .* up front'),
     ({'model.attention': 'cudnn'}, r"packing=True needs segment ids .*='cudnn' cannot"),
     ({'data.truncate': 'middle'}, r"config.data.truncate='middle': expected one of"),
-    ({'objective': 'dpo'}, r"config.objective='dpo': expected one of \('lm', 'sft'\)"),
+    ({'objective': 'dpo'}, r"data.format='prompt_completion' is not what config.objective='dpo' "
+     r"trains on; use one of \('preference',\)"),
+    ({'objective': 'rlhf'}, r"config.objective='rlhf': expected one of \('lm', 'sft', 'classify', "
+     r"'dpo'\)"),
+    ({'objective': 'classify', 'data.format': 'classification', 'data.labels': ('a',)},
+     r"config.model.head='lm' with config.objective='classify': the classify objective trains"),
+    ({'objective': 'classify', 'model.head': 'classify', 'data.format': 'classification'},
+     r"config.data.labels is empty: data.format='classification' needs the label list"),
+    ({'objective': 'dpo', 'data.format': 'preference', 'dpo.beta': 0.0},
+     r'config.dpo.beta=0.0 must be positive'),
+    ({'objective': 'dpo', 'data.format': 'preference', 'dpo.loss': 'kto'},
+     r"config.dpo.loss='kto': expected one of \('sigmoid', 'ipo', 'robust'\)"),
 ])
 def test_task_data_config_errors_name_the_key(tmp_path, overrides, error):
   with pytest.raises(ValueError, match=error):

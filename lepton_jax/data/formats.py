@@ -8,9 +8,14 @@ data.format (the field names are TRL's):
                      the ones a model is prompted with later.
   chat               {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}:
                      chat.encode with the tokenizer's template; the loss is on assistant turns.
-  classification     {"text": str, "label": one of data.labels}
+  classification     {"text": str, "label": one of data.labels}: bos (if any) and the text's ids,
+                     no eos (the classify head reads the last one), and the label's index.
   preference         {"prompt": ..., "chosen": ..., "rejected": ...}: three strings, or three
-                     message lists (the conversational form).
+                     message lists (the conversational form). Each of chosen and rejected is an
+                     Example of the prompt and that completion, as prompt_completion encodes
+                     them (the eos TRL appends included), or, conversational, as chat.encode
+                     renders prompt + completion with the loss on the completion's assistant
+                     turns only.
 
 A bad record is a one-line ValueError `FILE:LINE: field 'NAME' ...`. Every record is read and
 checked when a split is first loaded, so a bad line anywhere stops a run before its first step;
@@ -130,6 +135,33 @@ def encode(record: Record, fmt: str, tokenizer: tokenizers.Tokenizer) -> Example
   return Example(np.asarray(ids, np.int32), np.asarray(mask, bool))
 
 
+def encode_classification(record: Record, tokenizer: tokenizers.Tokenizer,
+                          labels: Sequence) -> tuple[np.ndarray, int]:
+  """(ids int32 [n], label index) of a checked classification record."""
+  ids = tokenizers.document_start(tokenizer) + tokenizer.encode(record.fields['text'])
+  return np.asarray(ids, np.int32), label_index(record, labels)
+
+
+def encode_preference(record: Record, tokenizer: tokenizers.Tokenizer) -> tuple[Example, Example]:
+  """(chosen, rejected) of a checked preference record, each with the loss on its completion."""
+  fields = record.fields
+  if isinstance(fields['prompt'], str):
+    pair = [Record(record.where, record.line, {'prompt': fields['prompt'],
+                                               'completion': fields[side]})
+            for side in ('chosen', 'rejected')]
+    return tuple(encode(r, 'prompt_completion', tokenizer) for r in pair)
+  try:
+    prompt_ids, _ = chat.encode(tokenizer, fields['prompt'], add_generation_prompt=True)
+    examples = []
+    for side in ('chosen', 'rejected'):
+      ids, mask = chat.encode(tokenizer, fields['prompt'] + fields[side])
+      mask = np.asarray(mask, bool) & (np.arange(len(ids)) >= len(prompt_ids))
+      examples.append(Example(np.asarray(ids, np.int32), mask))
+  except ValueError as e:
+    raise ValueError(f'{record.where}: {e}') from None
+  return tuple(examples)
+
+
 def record_text(record: Record, fmt: str) -> str:
   """The text a record holds, for training a tokenizer on the records."""
   fields = record.fields
@@ -185,7 +217,9 @@ def _preference(record: Record) -> None:
   conversational = isinstance(record.fields['prompt'], list)
   for name in ('prompt', 'chosen', 'rejected'):
     if conversational:
-      _messages(record, name)
+      messages = _messages(record, name)
+      if name != 'prompt' and not any(m['role'] == 'assistant' for m in messages):
+        _fail(record, f"field {name!r} has no assistant turn: no completion to score")
     else:
       _text(record, name, allow_empty=name == 'prompt')
   if record.fields['chosen'] == record.fields['rejected']:

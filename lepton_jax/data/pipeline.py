@@ -113,7 +113,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: tokenizers
   seq_len = config.seq_len
   if config.data.source == 'jsonl':
     rows = _task_rows(config, tokenizer, 'train')
-    num_rows, rows_to_batch = len(rows), lambda row_ids: _task_batch(config, rows, row_ids)
+    num_rows, rows_to_batch = _num_rows(rows), lambda row_ids: _task_batch(config, rows, row_ids)
   else:
     tokens = _tokenize_split(config.data, 'train', tokenizer)
     num_rows = (len(tokens) - 1) // seq_len
@@ -138,8 +138,11 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: tokenizers
 
 
 def _task_rows(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
-               split: str) -> packing.Rows:
-  """The records of `split`, tokenized and packed (or padded) into rows of seq_len pairs."""
+               split: str) -> packing.Rows | dict[str, np.ndarray]:
+  """The records of `split`, tokenized and packed (or padded) into rows of seq_len pairs; for
+  classification and preference records, arrays with a row per record (_record_columns)."""
+  if config.data.format in ('classification', 'preference'):
+    return _record_columns(config, tokenizer, split)
   start = time.time()
   examples = [formats.encode(record, config.data.format, tokenizer)
               for record in formats.load_records(config.data, split)]
@@ -150,11 +153,18 @@ def _task_rows(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenize
   return rows
 
 
-def _task_batch(config: ml_collections.ConfigDict, rows: packing.Rows,
+def _num_rows(rows: packing.Rows | dict[str, np.ndarray]) -> int:
+  return len(next(iter(rows.values()))) if isinstance(rows, dict) else len(rows)
+
+
+def _task_batch(config: ml_collections.ConfigDict, rows: packing.Rows | dict,
                 row_ids: np.ndarray) -> Batch:
   """Rows `row_ids` as a batch; row id -1 is a row of padding (the end of a short eval split)."""
   real = row_ids >= 0
-  take = lambda array: np.where(real[:, None], array[np.maximum(row_ids, 0)], 0)
+  take = lambda array: np.where(real.reshape(-1, *[1] * (array.ndim - 1)),
+                                array[np.maximum(row_ids, 0)], 0)
+  if isinstance(rows, dict):  # classification and preference: one example (or pair) per row.
+    return {**{k: take(v) for k, v in rows.items()}, 'mask': real.astype(np.float32)}
   segment_ids = take(rows.segment_ids)
   targets = take(rows.loss_mask) if config.objective == 'sft' else segment_ids > 0
   batch = {'inputs': take(rows.inputs), 'targets': take(rows.targets),
@@ -162,6 +172,40 @@ def _task_batch(config: ml_collections.ConfigDict, rows: packing.Rows,
   if config.data.packing:
     batch['segment_ids'] = segment_ids
   return batch
+
+
+def _record_columns(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
+                    split: str) -> dict[str, np.ndarray]:
+  """A row per record, right-padded to seq_len and cut as data.truncate says (and counted).
+
+  classification: 'inputs' [R, T] padded with the classify head's pad id, 'labels' [R].
+  preference: 'chosen_' and 'rejected_' + 'inputs', 'targets', 'positions' [R, T] and
+  'loss_mask' (the completion's targets), as unpacked sft rows.
+  """
+  records = formats.load_records(config.data, split)
+  seq_len, side = config.seq_len, config.data.truncate
+  if config.data.format == 'classification':
+    pad_id = tokenizers.pad_id(config.model.pad_id, tokenizer)
+    inputs, labels, cut = np.full((len(records), seq_len), pad_id, np.int32), [], 0
+    for row, record in enumerate(records):
+      ids, label = formats.encode_classification(record, tokenizer, config.data.labels)
+      cut += len(ids) > seq_len
+      ids = ids[:seq_len] if side == 'right' else ids[-seq_len:]
+      inputs[row, :len(ids)] = ids
+      labels.append(label)
+    if cut:
+      logging.warning('%s: %d of %d records were longer than seq_len=%d ids and were cut from '
+                      'the %s (data.truncate)', split, cut, len(records), seq_len, side)
+    return {'inputs': inputs, 'labels': np.asarray(labels, np.int32)}
+  pairs = [formats.encode_preference(record, tokenizer) for record in records]
+  columns = {}
+  for index, name in enumerate(('chosen', 'rejected')):
+    rows = packing.pack([pair[index] for pair in pairs], seq_len, False, side, tokenizer.eos_id)
+    packing.log_stats(rows, len(pairs), f'{split} {name}', side)
+    columns.update({f'{name}_inputs': rows.inputs, f'{name}_targets': rows.targets,
+                    f'{name}_positions': rows.positions,
+                    f'{name}_loss_mask': rows.loss_mask.astype(np.float32)})
+  return columns
 
 
 def _streamed_batches(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
@@ -232,9 +276,9 @@ def make_eval_batches(config: ml_collections.ConfigDict, tokenizer: tokenizers.T
   seq_len, batch_size = config.seq_len, config.batch_size
   if config.data.source == 'jsonl':
     rows = _task_rows(config, tokenizer, 'eval')
-    num_batches = max(1, min(config.eval_batches, -(-len(rows) // batch_size)))
+    num_batches = max(1, min(config.eval_batches, -(-_num_rows(rows) // batch_size)))
     row_ids = np.arange(num_batches * batch_size)
-    row_ids = np.where(row_ids < len(rows), row_ids, -1).reshape(num_batches, batch_size)
+    row_ids = np.where(row_ids < _num_rows(rows), row_ids, -1).reshape(num_batches, batch_size)
     first = process_index * local_batch_size
     return [_task_batch(config, rows, ids[first:first + local_batch_size]) for ids in row_ids]
   tokens = _tokenize_split(config.data, 'eval', tokenizer,

@@ -246,6 +246,11 @@ def _read_json(path: epath.Path) -> dict:
   return json.loads(path.read_text()) if path.exists() else {}
 
 
+def pad_id(configured: int, tokenizer: Tokenizer) -> int:
+  """The id that pads a classify head's rows: config.model.pad_id, or (-1) the eos id."""
+  return configured if configured >= 0 else tokenizer.eos_id
+
+
 def document_start(tokenizer: Tokenizer) -> list[int]:
   """The ids that begin every document: [bos_id], or none for tokenizers without a bos."""
   return [] if tokenizer.bos_id is None else [tokenizer.bos_id]

@@ -2,7 +2,8 @@
 
 Training runs each at its cadence and logs its metrics as eval/NAME/METRIC; the default one,
 language modelling on the run's own eval split every `config.eval_every_steps` steps, logs
-eval/loss, eval/perplexity, eval/accuracy and eval/bits_per_byte. lepton-eval runs them all once.
+eval/loss, eval/perplexity, eval/accuracy and eval/bits_per_byte (for config.objective classify
+and dpo, that objective's metrics instead: evals/objective.py). lepton-eval runs them all once.
 
   config.evals.stdlib = dict(type='lm', every=500, data=dict(source='stdlib'))
   config.evals.arc = dict(type='multiple_choice', path='/data/arc_easy.jsonl', every=1000)
@@ -29,7 +30,7 @@ import jax
 import ml_collections
 
 from lepton_jax import data
-from lepton_jax.evals import generation, language_model, scoring, tasks
+from lepton_jax.evals import generation, language_model, objective, scoring, tasks
 from lepton_jax.model import Transformer
 
 Metrics = dict[str, float]
@@ -139,7 +140,9 @@ def build(config: ml_collections.ConfigDict, model, tokenizer, mesh: jax.shardin
           specs: dict | None = None) -> list[Evaluator]:
   """The default evaluator and one per entry of `config.evals` (and of `specs`, if given)."""
   ctx = Context(config, model, tokenizer, mesh, tuple(rules))
-  evaluators = [Evaluator('', config.eval_every_steps, _language_model({}, ctx))]
+  default = (_language_model({}, ctx) if config.objective in ('lm', 'sft') else
+             objective.ObjectiveEval(config, tokenizer, model, mesh, rules))
+  evaluators = [Evaluator('', config.eval_every_steps, default)]
   for name, spec in {**config.evals.to_dict(), **(specs or {})}.items():
     check_spec(name, spec)
     _, make = TYPES[spec['type']]

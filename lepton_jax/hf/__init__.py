@@ -1,5 +1,9 @@
 """Hugging Face checkpoints in and out: `hf.load` a causal-LM directory, `hf.save` a lepton model.
 
+A `*ForSequenceClassification` directory (Llama, Mistral, Qwen2, Qwen3, GPT-2) loads as the same
+Transformer with the classify head (hf/classify.py), whose `model.apply(variables, tokens_BT)` is
+[B, num_labels] logits; `hf.save` writes such a model back as its family's classifier.
+
   from lepton_jax import hf
   model, variables = hf.load('/path/to/Llama-3.2-1B')          # logits equal transformers'
   hf.save(model, variables, '/tmp/export', tokenizer=tokenizer)  # AutoModelForCausalLM loads it
@@ -19,7 +23,8 @@ import jax
 
 from lepton_jax import config_lib, lora, sharding, train_state, tree
 from lepton_jax.data import tokenizers
-from lepton_jax.hf import card, family, gpt2, llama, mistral, peft, qwen2, qwen3, tensors
+from lepton_jax.hf import card, classify, family, gpt2, llama, mistral, peft, qwen2, qwen3
+from lepton_jax.hf import tensors
 from lepton_jax.model import ModelConfig, Transformer
 from lepton_jax.model.config import LoraConfig
 
@@ -46,9 +51,10 @@ def read_config(path: str) -> tuple[family.Family, dict]:
 
 
 def architecture(path: str) -> dict:
-  """The ModelConfig architecture fields of a Hugging Face directory."""
+  """The ModelConfig architecture fields of a Hugging Face directory (and the head fields of a
+  classifier)."""
   hf_family, hf_config = read_config(path)
-  return hf_family.read_config(hf_config)
+  return {**hf_family.read_config(hf_config), **classify.read_config(hf_config)}
 
 
 def stored_dtype(hf_config: dict) -> str:
@@ -67,7 +73,8 @@ def model_config(path: str, dtype: str | None = None, **run_fields) -> ModelConf
   fields = config_lib.model_config().to_dict()
   fields.update(run_fields)
   dtype = dtype or stored_dtype(hf_config)
-  fields.update(hf_family.read_config(hf_config), param_dtype=dtype, dtype=dtype)
+  fields.update(hf_family.read_config(hf_config), **classify.read_config(hf_config),
+                param_dtype=dtype, dtype=dtype)
   return ModelConfig(**fields)
 
 
@@ -111,7 +118,7 @@ def load_variables(path: str, model: Transformer, mesh=None, rules=config_lib.DE
   abstract = sharding.unbox_abstract(boxed)['params']
   shardings = sharding.param_shardings(boxed, mesh, rules)['params']
   params = tensors.plan_params(abstract, nn.get_partition_spec(boxed)['params'],
-                               {**hf_family.tensors(cfg), **peft.tensors(hf_family, cfg)},
+                               {**_tensor_maps(hf_family, cfg), **peft.tensors(hf_family, cfg)},
                                cfg.num_layers)
   is_adapter = lambda p: tree.matches(lora.ADAPTERS, p.name)
   base = tensors.Checkpoint(epath.Path(path))
@@ -132,6 +139,14 @@ def load_variables(path: str, model: Transformer, mesh=None, rules=config_lib.DE
   return {'params': traverse_util.unflatten_dict(leaves, sep='/')}
 
 
+def _tensor_maps(hf_family: family.Family, cfg: ModelConfig) -> dict:
+  """lepton param path -> TensorMap: the family's, with the classify head's score."""
+  maps = {**hf_family.tensors(cfg), **classify.tensors(cfg)}
+  if cfg.head == 'classify':  # A classifier has no LM head.
+    maps.pop('head/kernel', None)
+  return maps
+
+
 def _check_new_directory(target: epath.Path) -> None:
   if target.exists() and any(target.iterdir()):
     raise FileExistsError(f'{target} exists and is not empty; give a new directory')
@@ -150,13 +165,15 @@ def family_of(cfg: ModelConfig) -> tuple[family.Family, dict]:
 
 
 def save(model: Transformer, variables: dict, path: str, tokenizer=None, *,
-         run: dict | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+         run: dict | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
+         labels=None) -> None:
   """Writes `model` and `variables` as a Hugging Face directory at `path`.
 
   config.json, generation_config.json, safetensors (shards and the index above
   `max_shard_bytes`), the tokenizer's files when one is given and a README.md model card; `run`
   ({'config': ConfigDict, 'metrics': dict}) adds a run's training config and last metrics to the
-  card. `path` must not exist or be empty; everything is written to a temporary directory beside it
+  card; `labels` names a classify head's labels in config.json (id2label). `path` must not exist
+  or be empty; everything is written to a temporary directory beside it
   first, so a failure leaves nothing behind.
   """
   cfg = model.cfg
@@ -173,7 +190,9 @@ def save(model: Transformer, variables: dict, path: str, tokenizer=None, *,
   values = tensors.leaves_by_name(params)
   plan = tensors.plan_params(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
                              nn.get_partition_spec(train_state.boxed_variables(model, 1))['params'],
-                             hf_family.tensors(cfg), cfg.num_layers)
+                             _tensor_maps(hf_family, cfg), cfg.num_layers)
+  if cfg.head == 'classify':
+    hf_config = {**hf_config, **classify.write_config(hf_family.model_type, cfg, labels)}
   special, tokenizer_files = _special_ids(tokenizer), _tokenizer_files(tokenizer)
   staging = target.parent / f'.{target.name}.partial-{os.getpid()}'
   if jax.process_index() == 0:
@@ -182,7 +201,7 @@ def save(model: Transformer, variables: dict, path: str, tokenizer=None, *,
     tensors.write(staging, tensors.hf_tensors(plan), values, max_shard_bytes)
     if jax.process_index() == 0:
       dtype = str(jax.tree.leaves(params)[0].dtype)
-      full_config = dict(hf_config, architectures=[hf_family.architecture],
+      full_config = dict({'architectures': [hf_family.architecture], **hf_config},
                          model_type=hf_family.model_type, dtype=dtype, **special)
       (staging / 'config.json').write_text(json.dumps(full_config, indent=2))
       (staging / 'generation_config.json').write_text(json.dumps(special, indent=2))

@@ -77,6 +77,14 @@ QUANT_ACTIVATION_GRANULARITIES = ('token', 'tensor')
 QUANT_KV_CACHES = ('none', 'int8')
 QUANT_KERNELS = ('auto', 'xla', 'pallas')  # lepton_jax/kernels/int8_matmul.py IMPLEMENTATIONS.
 
+# ModelConfig.head: lm, next-token logits [B, T, V]; classify, a `score` Dense [D, num_labels]
+# (no bias, as transformers' *ForSequenceClassification) on one pooled hidden state per row,
+# logits [B, num_labels].
+HEADS = ('lm', 'classify')
+# ModelConfig.pool (classify): last, the final hidden state of each row's rightmost token that is
+# not pad_id (transformers' rule); mean, the mean over the row's tokens that are not pad_id.
+POOLS = ('last', 'mean')
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
@@ -248,6 +256,10 @@ class ModelConfig:
   remat: str
   param_dtype: str
   dtype: str
+  head: str = 'lm'
+  num_labels: int = 0
+  pool: str = 'last'
+  pad_id: int = -1  # classify: the id that pads rows (-1 before the tokenizer resolves it).
   lora: LoraConfig = LoraConfig()
   quant: QuantConfig = QuantConfig()
   prune: PruneConfig = PruneConfig()

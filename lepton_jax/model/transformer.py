@@ -89,7 +89,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """tokens [B, T] int -> logits [B, T, V] float32.
+  """tokens [B, T] int -> logits [B, T, V] float32 ([B, num_labels] with the classify head).
 
   Packed rows (several examples each) pass `segment_ids_BT` (1, 2, ... per example, 0 padding)
   and positions that restart per example: attention then never crosses examples.
@@ -146,8 +146,17 @@ class Transformer(nn.Module):
       last_B11 = (cache.lengths_B - 1)[:, None, None]
       x_BTD = jnp.take_along_axis(x_BTD, last_B11, axis=1)
     x_BTD = hook('ln_final.hook_normalized', layers.make_norm(cfg, 'final_norm')(x_BTD))
+    if cfg.head == 'classify':
+      return self._score(pooled(x_BTD, tokens_BT, cfg.pad_id, cfg.pool), deterministic)
     logits_BTV = hook('unembed.hook_out', head(cfg, embed, x_BTD, deterministic))
     return logits_BTV.astype(jnp.float32)
+
+  def _score(self, x_BD: jax.Array, deterministic: bool) -> jax.Array:
+    cfg = self.cfg
+    return layers.Dense((cfg.num_labels,), in_axes=('embed',), out_axes=(None,),
+                        dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=cfg.lora,
+                        quant=cfg.quant, deterministic=deterministic,
+                        name='score')(x_BD).astype(jnp.float32)
 
 
 def embedding(cfg: ModelConfig) -> layers.Embed:
@@ -166,3 +175,15 @@ def head(cfg: ModelConfig, embed: layers.Embed, x_BTD: jax.Array,
   return layers.Dense((cfg.vocab_size,), in_axes=('embed',), out_axes=('vocab',), dtype=cfg.dtype,
                       param_dtype=cfg.param_dtype, lora=cfg.lora, quant=cfg.quant,
                       prune=cfg.prune, deterministic=deterministic, name='head')(x_BTD)
+
+
+def pooled(x_BTD: jax.Array, tokens_BT: jax.Array, pad_id: int, pool: str) -> jax.Array:
+  """One hidden state per row (ModelConfig.pool). `last` takes the rightmost position whose id is
+  not pad_id, as transformers does, so right-padded rows give their last real token's state (and
+  a row of padding its first position's)."""
+  real_BT = tokens_BT != pad_id
+  if pool == 'mean':
+    weights_BT = real_BT.astype(jnp.float32) / jnp.maximum(real_BT.sum(-1, keepdims=True), 1)
+    return jnp.einsum('btd,bt->bd', x_BTD.astype(jnp.float32), weights_BT).astype(x_BTD.dtype)
+  last_B = jnp.argmax(jnp.arange(tokens_BT.shape[1]) * real_BT, axis=-1)
+  return jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)[:, 0]
