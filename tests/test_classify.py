@@ -20,16 +20,18 @@ metrics = pytest.importorskip('sklearn.metrics')
 LABELS = ('red', 'green', 'blue')
 
 
-def classifier(pool='last', pad_id=0):
+def classifier(pool='last', positions='rope'):
   cfg = tiny_config(**{'model.vocab_size': 257, 'model.head': 'classify', 'model.num_labels': 3,
-                       'model.pool': pool, 'model.pad_id': pad_id}).model
+                       'model.pool': pool, 'model.pad_id': 0, 'model.positions': positions}).model
   model = Transformer(ModelConfig.from_config(cfg))
   return model, model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
 
 
 @pytest.mark.parametrize('pool', ['last', 'mean'])
-def test_right_padding_changes_no_logit_and_mean_pooling_averages_the_real_tokens(pool):
-  model, variables = classifier(pool)
+@pytest.mark.parametrize('positions', ['rope', 'learned'])
+def test_left_and_right_padding_change_no_logit_and_mean_pooling_averages_the_real_tokens(
+    pool, positions):
+  model, variables = classifier(pool, positions)
   tokens = np.random.default_rng(0).integers(1, 257, (3, 10))
   lengths = (10, 6, 1)
   padded = np.where(np.arange(10) < np.asarray(lengths)[:, None], tokens, 0)
@@ -38,8 +40,11 @@ def test_right_padding_changes_no_logit_and_mean_pooling_averages_the_real_token
   for row, length in enumerate(lengths):
     alone = model.apply(variables, jnp.asarray(padded[row:row + 1, :length]))
     np.testing.assert_allclose(alone[0], logits[row], atol=1e-5)
+  left = np.stack([np.roll(row, 10 - length) for row, length in zip(padded, lengths)])
+  assert (left[1, :4] == 0).all() and (left[1, 4:] == padded[1, :6]).all()
+  np.testing.assert_allclose(model.apply(variables, jnp.asarray(left)), logits, atol=1e-5)
   if pool == 'mean':  # Not the last token's logits: the mean pools every real token.
-    last, _ = classifier('last')
+    last, _ = classifier('last', positions)
     assert not np.allclose(logits, last.apply(variables, jnp.asarray(padded)), atol=1e-3)
 
 
@@ -162,7 +167,7 @@ def test_configs_classify_hf_trains_a_head_on_a_hugging_face_llama_that_exports_
       tmp_path / 'export').eval()
   assert reloaded.config.id2label == dict(enumerate(LABELS))
   ids = [tokenizer.encode(text) for text in ('the small red', 'a big old blue thing')]
-  tokens = np.full((2, 8), model.cfg.pad_id)  # Right-padded with the run's pad id.
+  tokens = np.full((2, max(map(len, ids)) + 3), model.cfg.pad_id)  # Right-padded with the run's pad id.
   for row, row_ids in enumerate(ids):
     tokens[row, :len(row_ids)] = row_ids
   with torch.no_grad():

@@ -67,10 +67,12 @@ def test_a_classifier_loads_and_saves_with_the_logits_of_transformers(hf_dirs, t
   logits = np.asarray(model.apply(variables, jnp.asarray(tokens)))
   assert logits.dtype == np.float32
   np.testing.assert_allclose(logits, reference, atol=1e-4)
-  # Each row alone, unpadded: right padding changes nothing.
+  # Each row alone, unpadded: right padding changes nothing, and left padding neither.
   for row, length in enumerate(LENGTHS):
     alone = np.asarray(model.apply(variables, jnp.asarray(tokens[row:row + 1, :length])))
     np.testing.assert_allclose(alone[0], logits[row], atol=1e-5)
+  left = np.stack([np.roll(row, len(row) - length) for row, length in zip(tokens, LENGTHS)])
+  np.testing.assert_allclose(model.apply(variables, jnp.asarray(left)), reference, atol=1e-4)
 
   hf.save(model, variables, str(tmp_path / 'export'), labels=['neg', 'neutral', 'pos'])
   saved = json.loads((tmp_path / 'export' / 'config.json').read_text())

@@ -111,6 +111,13 @@ class Transformer(nn.Module):
     cfg = self.cfg
     if cache is not None and segment_ids_BT is not None:
       raise ValueError('segment ids are for training on packed rows, not for a KV cache')
+    if cfg.head == 'classify' and segment_ids_BT is None and cache is None:
+      # Padding is its own segment and real tokens count positions from the first of them, so
+      # left- and right-padded rows compute the same (right padding as transformers does).
+      real_BT = tokens_BT != cfg.pad_id
+      segment_ids_BT = real_BT.astype(jnp.int32)
+      if positions_BT is None:
+        positions_BT = jnp.maximum(jnp.cumsum(real_BT, axis=1) - 1, 0)
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
     hook = lambda name, x: hooks.point(self, name, x)
