@@ -1,7 +1,8 @@
 """Direct Preference Optimization of a Hugging Face causal LM (or an SFT run) on preference pairs.
 
   python -m lepton_jax.train --config=configs/dpo_hf.py:/path/to/hf_dir --workdir=/tmp/dpo \
-      --config.data.path=pairs.jsonl [--config.dpo.loss=ipo] [--config.lora.targets="('all-linear',)"]
+      --config.data.path=pairs.jsonl [--config.dpo.loss=ipo] \
+      [--config.lora.targets="('all-linear',)"]
 
 Each line is {"prompt": ..., "chosen": ..., "rejected": ...}, three strings or three message
 lists (TRL's formats). The reference is the starting model, frozen: a copy of it, or with LoRA the

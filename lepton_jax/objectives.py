@@ -9,10 +9,11 @@ An objective is `loss(policy, frozen, batch) -> (loss_sum, sums)`:
   batch   the batch's arrays, and any frozen inputs the data carries (precomputed log-probs).
 
 `loss_sum` is the sum of per-unit losses over the batch (a unit is a counted token for lm and
-sft, a record for classify, a preference pair for dpo) and `sums` holds `sums[objective.count]`, the number of units, with the sums of the metrics
-the objective reports. The step divides the loss, its gradient and each metric by the global
-total of that count, summed over micro-batches first: so gradient accumulation, and evaluation
-over several batches, are exact for every objective.
+sft, a record for classify, a preference pair for dpo) and `sums` holds `sums[objective.count]`,
+the number of units, with the sums of the metrics the objective reports. The step divides the
+loss, its gradient and each metric by the global total of that count, summed over micro-batches
+first: so gradient accumulation, and evaluation over several batches, are exact for every
+objective.
 """
 from collections.abc import Callable
 import dataclasses
@@ -165,7 +166,8 @@ def dpo_losses(chosen_B, rejected_B, reference_chosen_B, reference_rejected_B, *
 
   with eps = label_smoothing; the rewards are beta (pi - ref) of each completion.
   """
-  chosen_ratio_B, rejected_ratio_B = chosen_B - reference_chosen_B, rejected_B - reference_rejected_B
+  chosen_ratio_B = chosen_B - reference_chosen_B
+  rejected_ratio_B = rejected_B - reference_rejected_B
   h_B = chosen_ratio_B - rejected_ratio_B
   eps = label_smoothing
   if loss == 'sigmoid':

@@ -167,7 +167,8 @@ def test_configs_classify_hf_trains_a_head_on_a_hugging_face_llama_that_exports_
       tmp_path / 'export').eval()
   assert reloaded.config.id2label == dict(enumerate(LABELS))
   ids = [tokenizer.encode(text) for text in ('the small red', 'a big old blue thing')]
-  tokens = np.full((2, max(map(len, ids)) + 3), model.cfg.pad_id)  # Right-padded with the run's pad id.
+  # Right-padded with the run's pad id.
+  tokens = np.full((2, max(map(len, ids)) + 3), model.cfg.pad_id)
   for row, row_ids in enumerate(ids):
     tokens[row, :len(row_ids)] = row_ids
   with torch.no_grad():

@@ -50,4 +50,6 @@ def write_config(model_type: str, cfg: ModelConfig, labels=None) -> dict:
 
 def tensors(cfg: ModelConfig) -> dict[str, TensorMap]:
   """The score head's tensor (none for the lm head)."""
-  return {'score/kernel': TensorMap('score.weight', transpose=True)} if cfg.head == 'classify' else {}
+  if cfg.head != 'classify':
+    return {}
+  return {'score/kernel': TensorMap('score.weight', transpose=True)}
