@@ -253,8 +253,8 @@ def test_jsonl_eval_batches_are_the_packed_rows_in_order_then_empty_rows(tmp_pat
     ({'data.truncate': 'middle'}, r"config.data.truncate='middle': expected one of"),
     ({'objective': 'dpo'}, r"data.format='prompt_completion' is not what config.objective='dpo' "
      r"trains on; use one of \('preference',\)"),
-    ({'objective': 'rlhf'}, r"config.objective='rlhf': expected one of \('lm', 'sft', 'classify', "
-     r"'dpo'\)"),
+    ({'objective': 'rlhf'}, r"config.objective='rlhf': expected one of \('lm', 'sft', 'distill', "
+     r"'classify', 'dpo'\)"),
     ({'objective': 'classify', 'data.format': 'classification', 'data.labels': ('a',)},
      r"config.model.head='lm' with config.objective='classify': the classify objective trains"),
     ({'objective': 'classify', 'model.head': 'classify', 'data.format': 'classification'},
