@@ -140,8 +140,8 @@ def build(config: ml_collections.ConfigDict, model, tokenizer, mesh: jax.shardin
           specs: dict | None = None) -> list[Evaluator]:
   """The default evaluator and one per entry of `config.evals` (and of `specs`, if given)."""
   ctx = Context(config, model, tokenizer, mesh, tuple(rules))
-  default = (_language_model({}, ctx) if config.objective in ('lm', 'sft') else
-             objective.ObjectiveEval(config, tokenizer, model, mesh, rules))
+  default = (objective.ObjectiveEval(config, tokenizer, model, mesh, rules)
+             if config.objective in objective.OBJECTIVES else _language_model({}, ctx))
   evaluators = [Evaluator('', config.eval_every_steps, default)]
   for name, spec in {**config.evals.to_dict(), **(specs or {})}.items():
     check_spec(name, spec)

@@ -17,6 +17,8 @@ import numpy as np
 
 from lepton_jax import data, objectives, sharding, steps
 
+OBJECTIVES = ('classify', 'dpo')  # Those evaluated here; the others as language models.
+
 
 def macro_f1(confusion_CC: np.ndarray) -> float:
   """The unweighted mean over labels of F1 = 2 tp / (2 tp + fp + fn); a label that is neither
