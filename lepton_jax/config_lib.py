@@ -8,7 +8,7 @@ import importlib.util
 
 import ml_collections
 
-from lepton_jax import data, generate, objectives, optim
+from lepton_jax import adapters, data, generate, objectives, optim
 from lepton_jax.model import attention, layers, transformer
 from lepton_jax.model.config import LORA_INITS, PruneConfig, QuantConfig
 from lepton_jax.model import config as model_fields
@@ -146,6 +146,31 @@ def base_config() -> ml_collections.ConfigDict:
       dora=False,  # Weight-decomposed LoRA (Liu et al. 2024): a learned magnitude per column.
       init='kaiming',  # kaiming | gaussian: how A starts; B starts at zero.
       plus_ratio=1.0,  # LoRA+: B's learning rate / A's (the paper suggests ~16).
+  ))
+
+  # Which parameter-efficient method trains (lepton_jax/adapters.py; README's table has a command
+  # for each): lora and adalora adapt config.lora.targets, houlsby and pfeiffer add bottleneck
+  # adapters to every block, prompt learns virtual tokens. All freeze the base, checkpoint the
+  # adapters alone and leave a fresh model's logits unchanged.
+  config.peft = ml_collections.ConfigDict(dict(
+      method='lora',
+      # adalora (Zhang et al. 2023): config.lora.rank is each matrix's initial rank; singular
+      # values are pruned to target_rank per matrix on average over all of them: none for
+      # tinit steps, then on a cubic schedule every delta_t steps until tfinal steps remain, the
+      # last of which keep the final ranks (written to WORKDIR/adalora_ranks.json).
+      target_rank=8,
+      tinit=0,
+      tfinal=1,
+      delta_t=1,
+      beta1=0.85,  # EMA of the sensitivity |w * grad|,
+      beta2=0.85,  # and of its uncertainty.
+      orth_reg_weight=0.5,  # Of ||P^T P - I||_F + ||Q Q^T - I||_F, averaged over matrices.
+      # houlsby | pfeiffer: the adapters' hidden width and nonlinearity.
+      bottleneck=16,
+      activation='relu',
+      # prompt: how many virtual tokens, initialised from random tokens' embeddings or N(0, .02).
+      num_virtual_tokens=20,
+      prompt_init='vocab',
   ))
 
   # int8 quantization (lepton_jax/quant.py), applied when a model is loaded for evaluation,
@@ -349,6 +374,9 @@ CHOICES = {
     'optimizer.schedule': optim.SCHEDULES,
     'nonfinite': ('stop', 'skip'),  # What train.NonFiniteGuard does with a non-finite step.
     'lora.init': LORA_INITS,
+    'peft.method': model_fields.PEFT_METHODS,
+    'peft.activation': model_fields.ADAPTER_ACTIVATIONS,
+    'peft.prompt_init': model_fields.PROMPT_INITS,
     'quant.weights': model_fields.QUANT_WEIGHTS,
     'quant.granularity': model_fields.QUANT_GRANULARITIES,
     'quant.activations': model_fields.QUANT_ACTIVATIONS,
@@ -410,6 +438,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError('config.lora.dropout must be in [0, 1) and config.lora.plus_ratio positive')
   if m.vocab_size < 0 or not 0.0 <= m.dropout < 1.0:
     raise ValueError('config.model.vocab_size must be >= 0 and config.model.dropout in [0, 1)')
+  adapters.validate(config)
   QuantConfig.from_config(config.quant).check(m.tie_embeddings)
   PruneConfig.from_config(config.prune).check()
   validate_distill(config)

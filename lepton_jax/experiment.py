@@ -5,8 +5,8 @@ import dataclasses
 from etils import epath
 import ml_collections
 
-from lepton_jax import checkpoint, config_lib, data, lora, optim, pretrained, prune, sharding
-from lepton_jax import train_state, tree
+from lepton_jax import adalora, adapters, checkpoint, config_lib, data, lora, optim, pretrained
+from lepton_jax import prune, sharding, train_state, tree
 from lepton_jax.model import ModelConfig, Transformer
 
 
@@ -15,7 +15,7 @@ class Experiment:
   tokenizer: data.Tokenizer
   model_config: ModelConfig  # config.model with vocab_size resolved, config.lora, config.quant.
   model: Transformer
-  trainable: tuple[str, ...]  # Patterns of the params that train (lora.trainable_patterns).
+  trainable: tuple[str, ...]  # Patterns of the params that train (adapters.trainable_patterns).
   checkpointer: checkpoint.Checkpointer
   meta: dict  # checkpoint.describe() of the model's variables, saved with every checkpoint.
 
@@ -30,11 +30,12 @@ def build(config: ml_collections.ConfigDict, workdir: str, same_split: bool,
   tokenizer = data.build_tokenizer(config.data, workdir, train_if_missing=train_tokenizer)
   model_config = ModelConfig.from_config(config_lib.resolve_vocab(config.model, tokenizer,
                                                                    config.data.labels),
-                                         config.lora, config.quant, config.prune)
+                                         config.lora, config.quant, config.prune, config.peft,
+                                         config.seed)
   model = Transformer(model_config)
   variables = sharding.unbox_abstract(train_state.boxed_variables(model, config.seq_len))
   lora.check_targets(model_config.lora, variables, model_config.tie_embeddings)
-  trainable = lora.trainable_patterns(config)
+  trainable = adapters.trainable_patterns(config)
   mask = train_state.trainable_mask(variables['params'], trainable)
   if same_split:  # Training: the masks a run prunes must be computable and train.
     prune.check_training(model_config.prune, variables.get(prune.MASKS),
@@ -51,9 +52,20 @@ def build(config: ml_collections.ConfigDict, workdir: str, same_split: bool,
 
 def make_optimizer(config: ml_collections.ConfigDict):
   """(optax transformation, schedule) of a run: config.optimizer, with LoRA+'s learning rate
-  for the adapters' B."""
-  return optim.make_optimizer(config.optimizer, config.total_steps,
-                              ((lora.B_PARAMS, config.lora.plus_ratio),))
+  for the adapters' B, and AdaLoRA's rank allocation after it."""
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps,
+                                      ((lora.B_PARAMS, config.lora.plus_ratio),))
+  if config.peft.method == 'adalora':
+    tx = adalora.allocate(tx, config.peft, config.total_steps)
+  return tx, schedule
+
+
+def penalty(config: ml_collections.ConfigDict):
+  """The loss term a method adds to the step's, as a function of the trainable params (None:
+  none): AdaLoRA's orthogonality regulariser."""
+  if config.peft.method == 'adalora' and config.peft.orth_reg_weight:
+    return lambda trainable: config.peft.orth_reg_weight * adalora.orthogonality(trainable)
+  return None
 
 
 def save_run_config(config: ml_collections.ConfigDict, run: Experiment, workdir: str) -> None:

@@ -96,11 +96,11 @@ def check_prompts(cfg: ModelConfig, prompt_tokens: Sequence[Sequence[int]],
     if outside:
       raise ValueError(f'prompt {index} holds token {outside[0]}, outside the vocabulary '
                        f'[0, {cfg.vocab_size})')
-  longest = max(map(len, prompt_tokens))
+  longest = max(map(len, prompt_tokens)) + cfg.peft.virtual_tokens  # Prompt tuning's go first.
   # The last token drawn is never fed back: prompt + max_new_tokens - 1 positions are run.
   if longest + max_new_tokens - 1 > cfg.max_seq_len:
     raise ValueError(f'max_new_tokens={max_new_tokens} overflows the cache: after a prompt of '
-                     f'{longest} tokens the model has positions for '
+                     f'{longest} tokens (virtual ones included) the model has positions for '
                      f'{cfg.max_seq_len - longest + 1} more (max_seq_len={cfg.max_seq_len})')
 
 
@@ -312,7 +312,8 @@ def generate(model: Transformer, variables, prompt_tokens: Sequence[Sequence[int
   stop_set = {*stop_ids, *([] if eos_id is None else [eos_id])}
   stops = stop_array(sorted(stop_set))
   max_new_B = np.where(np.arange(rows) < len(prompt_tokens), max_new_tokens, 1)  # Pad rows stop.
-  cache_len = cache_length(cfg, bucket(longest + max_new_tokens - 1, cfg.max_seq_len))
+  cache_len = cache_length(cfg, bucket(longest + cfg.peft.virtual_tokens + max_new_tokens - 1,
+                                       cfg.max_seq_len))
   state = prefill(model, variables, tokens_BT, lengths_B, cache_len,
                   sampling(rows, temperature, top_k, top_p, min_p, seed), max_new_B, stops)
   tokens_BC = np.asarray(decode_loop(model, variables, state, stops, max_new_tokens)[1])

@@ -20,9 +20,9 @@ from lepton_jax import tree
 from lepton_jax.model import ModelConfig, Transformer
 from lepton_jax.model.config import LoraConfig
 
-ADAPTER_PARAMS = ('lora_a', 'lora_b', 'lora_magnitude')
+ADAPTER_PARAMS = ('lora_a', 'lora_b', 'lora_magnitude', 'lora_e')  # lora_e: AdaLoRA's.
 # The adapter leaves; also config.trainable when LoRA is on and trainable is left at its default.
-ADAPTERS = (r'(.*/)?lora_(a|b|magnitude)',)
+ADAPTERS = (r'(.*/)?lora_(a|b|magnitude|e)',)
 B_PARAMS = (r'(.*/)?lora_b',)  # What LoRA+'s plus_ratio scales.
 
 
@@ -132,6 +132,8 @@ def delta(module: dict, lora: LoraConfig, stacked: bool) -> jax.Array:
   lead = 1 if stacked else 0
   a, b = module['lora_a'].astype(jnp.float32), module['lora_b'].astype(jnp.float32)
   a_2d = a.reshape(*a.shape[:lead], -1, a.shape[-1])  # [(L,) in, r]
+  if 'lora_e' in module:  # AdaLoRA: P diag(e) Q.
+    a_2d = a_2d * module['lora_e'].astype(jnp.float32)[..., None, :]
   b_2d = b.reshape(*b.shape[:lead + 1], -1)  # [(L,) r, out]
   return lora.scale * (a_2d @ b_2d).reshape(module['kernel'].shape)
 

@@ -15,9 +15,9 @@ from etils import epath
 import jax
 import ml_collections
 
-from lepton_jax import checkpoint, config_lib, lora, quant, train_state, tree
+from lepton_jax import adapters, checkpoint, config_lib, quant, train_state, tree
 from lepton_jax.model import Transformer
-from lepton_jax.model.config import ARCHITECTURE_FIELDS, LoraConfig, QuantConfig
+from lepton_jax.model.config import ARCHITECTURE_FIELDS, LoraConfig, PeftConfig, QuantConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,16 +79,18 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def load_variables(config: ml_collections.ConfigDict, model, abstract_variables: dict) -> dict:
   """The source's values of the leaves of `abstract_variables` (with shardings: where they go)
-  that are not LoRA adapters: a LoRA run's adapters are new, its base comes from the source.
+  that are not adapters (adapters.ADAPTERS, of any config.peft method): a run's adapters are
+  new, its base comes from the source.
 
   An int8 base (config.quant.weights, QLoRA) is the source's float weights quantized as `model`
   says (lepton_jax/quant.py), which gives the same bits at every load: a resumed run's base
   matches its checkpoints' fingerprint.
   """
-  wanted = dict(abstract_variables, params=lora.base_of(abstract_variables.get('params', {})))
+  wanted = dict(abstract_variables, params=adapters.base_of(abstract_variables.get('params', {})))
   mesh, rules = jax.tree.leaves(abstract_variables)[0].sharding.mesh, config.mesh.rules
-  float_model = Transformer(dataclasses.replace(model.cfg, lora=LoraConfig(), quant=QuantConfig()))
-  quantized = float_model.cfg != dataclasses.replace(model.cfg, lora=LoraConfig())
+  without_adapters = dataclasses.replace(model.cfg, lora=LoraConfig(), peft=PeftConfig())
+  float_model = Transformer(dataclasses.replace(without_adapters, quant=QuantConfig()))
+  quantized = float_model.cfg != without_adapters
   if quantized:
     float_wanted = checkpoint.abstract_like(*train_state.abstract_variables(float_model, mesh,
                                                                              rules, 1))

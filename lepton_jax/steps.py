@@ -34,8 +34,12 @@ def summed_loss(variables, model: nn.Module, batch: Batch, rng: jax.Array,
 
 def train_step(state, frozen, batch: Batch, *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               grad_accum_steps: int, objective: objectives.Objective, skip_nonfinite: bool):
+               grad_accum_steps: int, objective: objectives.Objective, skip_nonfinite: bool,
+               penalty=None):
   """One optimizer update of a `train_state.TrainState` on `batch`, in micro-batches.
+
+  `penalty(trainable) -> scalar` (experiment.penalty: a method's regulariser) joins the loss per
+  counted token once per step, not per micro-batch; train/loss stays the language-model loss.
 
   metrics['nonfinite'] says whether the loss, gradient norm or update was not finite; with
   `skip_nonfinite` such a step changes nothing but the step count (config.nonfinite).
@@ -73,6 +77,11 @@ def train_step(state, frozen, batch: Batch, *, model: nn.Module,
   # A batch counting nothing gets zero gradients, not NaN.
   count = jnp.maximum(sums[objective.count], 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
+  penalty_metrics = {}
+  if penalty is not None:
+    penalty_value, penalty_grads = jax.value_and_grad(penalty)(state.trainable)
+    grads = jax.tree.map(jnp.add, grads, penalty_grads)
+    penalty_metrics['train/penalty'] = penalty_value
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   metrics = objective.metrics(loss_sum, sums, 'train/')
   grad_norm = optax.tree.norm(grads)
@@ -83,7 +92,7 @@ def train_step(state, frozen, batch: Batch, *, model: nn.Module,
     keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     trainable, opt_state = keep_old((trainable, opt_state), (state.trainable, state.opt_state))
   metrics.update({'train/grad_norm': grad_norm, 'learning_rate': schedule(state.step),
-                  'nonfinite': ~finite})
+                  'nonfinite': ~finite, **penalty_metrics})
   return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
 

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from lepton_jax import checkpoint, cli, config_lib, data, distill, distributed, evals, experiment
-from lepton_jax import flops
+from lepton_jax import adalora, flops
 from lepton_jax import metrics, objectives, pretrained, sample, sharding, train_state
 
 
@@ -167,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       step_layout, step_frozen = teacher.step_layout(layout), teacher.step_frozen(frozen)
 
     train_fn = train_state.jit_train_step(model, tx, schedule, config, step_layout,
-                                          batch_sharding)
+                                          batch_sharding, experiment.penalty(config))
     variables = lambda: state.variables(frozen)
 
     step = int(state.step)
@@ -239,6 +239,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpointer.wait()
       checkpointer.close()
 
+    if step == config.total_steps and config.peft.method == 'adalora':
+      adalora.write_ranks(workdir, state.trainable, writer, step, is_coordinator)
     if step == config.total_steps and config.sample.num_tokens:
       (text,) = sample.sample_texts(model, variables(), tokenizer, [config.sample.prompt],
                                     config.sample.num_tokens, **sample.settings(config.sample))

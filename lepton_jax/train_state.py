@@ -144,14 +144,14 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, se
 
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                   config, layout: Layout, batch_sharding):
+                   config, layout: Layout, batch_sharding, penalty=None):
   """`step(state, frozen, batch) -> (state, metrics)` jitted with explicit shardings; the old
   state's buffers are donated, the frozen variables only read. With pruning masks, the pruning
   schedule (lepton_jax/prune.py) updates them first, and the model reads them as the frozen."""
   train_step = functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule,
                                  grad_accum_steps=config.grad_accum_steps,
                                  objective=objectives.from_config(config, model),
-                                 skip_nonfinite=config.nonfinite == 'skip')
+                                 skip_nonfinite=config.nonfinite == 'skip', penalty=penalty)
   step_fn = train_step
   if layout.state.masks is not None:
     from lepton_jax import prune  # pylint: disable=g-import-not-at-top  (prune imports this module)

@@ -40,6 +40,10 @@ class LoraConfig:
   dora: bool = False
   init: str = 'kaiming'
   plus_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B's learning rate over A's.
+  # AdaLoRA (config.peft.method='adalora', lepton_jax/adalora.py): SVD form, A and B start
+  # N(0, 0.02) and singular values `lora_e` [r] at zero; x W + scale ((x A) * e) B with scale
+  # alpha / r (PEFT's alpha / (ranknum + 1e-5)), r the initial rank whatever is pruned.
+  svd: bool = False
 
   @classmethod
   def from_config(cls, lora_config: ml_collections.ConfigDict) -> 'LoraConfig':
@@ -48,6 +52,8 @@ class LoraConfig:
 
   @property
   def scale(self) -> float:
+    if self.svd:
+      return self.alpha / (self.rank + 1e-5)
     return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
 
   def expanded_targets(self) -> tuple[str, ...]:
@@ -67,6 +73,48 @@ class LoraConfig:
 
   def adapts(self, module_path: str) -> bool:
     return self.enabled and any(re.fullmatch(p, module_path) for p in self.patterns())
+
+
+# config.peft.method: LoRA and its SVD form AdaLoRA adapt Dense layers (config.lora.targets), the
+# bottleneck adapters add modules to each block, prompt tuning prepends learned embeddings.
+PEFT_METHODS = ('lora', 'adalora', 'houlsby', 'pfeiffer', 'prompt')
+BOTTLENECK_METHODS = ('houlsby', 'pfeiffer')
+ADAPTER_ACTIVATIONS = ('relu', 'gelu', 'silu')
+PROMPT_INITS = ('vocab', 'random')
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+  """What the model needs of config.peft (lepton_jax/adapters.py says what each method trains).
+
+  houlsby (Houlsby et al. 2019): h + up(act(down(h))) on the output h of attention and of the MLP
+  of every block, before its residual add; pfeiffer: on the MLP's only. down [D, bottleneck] and
+  up [bottleneck, D] with biases; up starts at zero, so a fresh adapter is the identity.
+  prompt (Lester et al. 2021): `num_virtual_tokens` learned embeddings [N, D] before every row, at
+  positions 0..N-1 (the row's tokens follow from N); logits are the row's tokens' only.
+  """
+  method: str = 'lora'
+  bottleneck: int = 16
+  activation: str = 'relu'
+  num_virtual_tokens: int = 0
+  prompt_init: str = 'vocab'  # vocab: rows of the embedding table (random tokens); random: N(0, .02).
+  seed: int = 0  # Which vocabulary rows 'vocab' copies.
+
+  @classmethod
+  def from_config(cls, peft_config: ml_collections.ConfigDict, seed: int = 0) -> 'PeftConfig':
+    return cls(method=peft_config.method, bottleneck=peft_config.bottleneck,
+               activation=peft_config.activation,
+               num_virtual_tokens=peft_config.num_virtual_tokens,
+               prompt_init=peft_config.prompt_init, seed=seed)
+
+  @property
+  def virtual_tokens(self) -> int:
+    """Positions the virtual tokens take before every row (0 unless prompt tuning)."""
+    return self.num_virtual_tokens if self.method == 'prompt' else 0
+
+  def adapts_block(self, sublayer: str) -> bool:
+    """Whether a bottleneck adapter follows the block's 'attn' or 'mlp'."""
+    return self.method == 'houlsby' or self.method == 'pfeiffer' and sublayer == 'mlp'
 
 
 # config.quant choices (lepton_jax/quant.py says what each computes).
@@ -263,13 +311,22 @@ class ModelConfig:
   lora: LoraConfig = LoraConfig()
   quant: QuantConfig = QuantConfig()
   prune: PruneConfig = PruneConfig()
+  peft: PeftConfig = PeftConfig()
 
   @classmethod
   def from_config(cls, model_config: ml_collections.ConfigDict,
                   lora_config: ml_collections.ConfigDict | None = None,
                   quant_config: ml_collections.ConfigDict | None = None,
-                  prune_config: ml_collections.ConfigDict | None = None) -> 'ModelConfig':
+                  prune_config: ml_collections.ConfigDict | None = None,
+                  peft_config: ml_collections.ConfigDict | None = None,
+                  seed: int = 0) -> 'ModelConfig':
+    """`peft_config` (config.peft) picks the method; with 'adalora' config.lora's adapters take
+    the SVD form."""
     lora = LoraConfig.from_config(lora_config) if lora_config is not None else LoraConfig()
     quant = QuantConfig.from_config(quant_config) if quant_config is not None else QuantConfig()
     prune = PruneConfig.from_config(prune_config) if prune_config is not None else PruneConfig()
-    return cls(**model_config.to_dict(), lora=lora, quant=quant, prune=prune)
+    peft = (PeftConfig.from_config(peft_config, seed) if peft_config is not None
+            else PeftConfig())
+    if peft.method == 'adalora':
+      lora = dataclasses.replace(lora, svd=True)
+    return cls(**model_config.to_dict(), lora=lora, quant=quant, prune=prune, peft=peft)

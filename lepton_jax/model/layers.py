@@ -110,11 +110,16 @@ class Dense(nn.Module):
     a_init = _lora_a_init(lora, math.prod(in_shape))
     a = self.param('lora_a', nn.with_logical_partitioning(a_init, (*self.in_axes, 'lora_rank')),
                    (*in_shape, lora.rank), self.param_dtype).astype(self.dtype)
-    b = self.param('lora_b', nn.with_logical_partitioning(nn.initializers.zeros,
-                                                          ('lora_rank', *self.out_axes)),
+    b_init = nn.initializers.normal(0.02) if lora.svd else nn.initializers.zeros
+    b = self.param('lora_b', nn.with_logical_partitioning(b_init, ('lora_rank', *self.out_axes)),
                    (lora.rank, *self.features), self.param_dtype).astype(self.dtype)
     x_dropped = nn.Dropout(lora.dropout)(x, deterministic=self.deterministic)
-    delta = lora.scale * matmul_2d(matmul_2d(x_dropped, a, num_in), b, 1)
+    h = matmul_2d(x_dropped, a, num_in)  # [..., r]
+    if lora.svd:  # AdaLoRA's singular values: zero, so a fresh adapter changes nothing.
+      h = h * self.param('lora_e', nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                ('lora_rank',)),
+                         (lora.rank,), self.param_dtype).astype(self.dtype)
+    delta = lora.scale * matmul_2d(h, b, 1)
     if not lora.dora:
       return y + delta
     in_dims, w = tuple(range(num_in)), kernel()
@@ -163,6 +168,8 @@ def int8_variables(module: nn.Module, name: str, to_out_in, shape_out_in: tuple[
 
 
 def _lora_a_init(lora: LoraConfig, fan_in: int) -> nn.initializers.Initializer:
+  if lora.svd:  # PEFT's AdaLoRA: A and B N(0, 0.02), the singular values zero.
+    return nn.initializers.normal(0.02)
   if lora.init == 'kaiming':  # PEFT's kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     bound = fan_in ** -0.5
     return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)

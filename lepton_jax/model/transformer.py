@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lepton_jax.model import attention, hooks, layers
+from lepton_jax.model import attention, bottleneck, hooks, layers, prompt
 from lepton_jax.model.config import ModelConfig
 
 REMAT_POLICIES = {
@@ -74,15 +74,20 @@ class Block(nn.Module):
     norm = lambda name: layers.make_norm(cfg, name)
     hook = lambda name, x: hooks.point(self, name, x)
     residual_dropout = nn.Dropout(cfg.dropout)
+    # Bottleneck adapters (config.peft houlsby / pfeiffer) on a sublayer's output, before its add.
+    adapted = lambda sublayer, h_BTD: (bottleneck.Adapter(cfg, name=f'{sublayer}_adapter')(h_BTD)
+                                       if cfg.peft.adapts_block(sublayer) else h_BTD)
     x_BTD = hook('hook_resid_pre', x_BTD)
     h_BTD = attention.Attention(cfg, name='attn')(
         hook('ln1.hook_normalized', norm('attn_norm')(x_BTD)), positions_BT, self.deterministic,
         cache, segment_ids_BT)
-    x_BTD = x_BTD + residual_dropout(hook('hook_attn_out', h_BTD), deterministic=self.deterministic)
+    x_BTD = x_BTD + residual_dropout(hook('hook_attn_out', adapted('attn', h_BTD)),
+                                     deterministic=self.deterministic)
     x_BTD = hook('hook_resid_mid', x_BTD)
     h_BTD = Mlp(cfg, name='mlp')(hook('ln2.hook_normalized', norm('mlp_norm')(x_BTD)),
                                  self.deterministic)
-    x_BTD = x_BTD + residual_dropout(hook('hook_mlp_out', h_BTD), deterministic=self.deterministic)
+    x_BTD = x_BTD + residual_dropout(hook('hook_mlp_out', adapted('mlp', h_BTD)),
+                                     deterministic=self.deterministic)
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'act_embed'))
     # (carry, output) so the block also works under nn.scan.
     return hook('hook_resid_post', x_BTD), None
@@ -123,6 +128,22 @@ class Transformer(nn.Module):
     hook = lambda name, x: hooks.point(self, name, x)
     embed = embedding(cfg)
     x_BTD = hook('hook_embed', embed(tokens_BT))
+    virtual = cfg.peft.virtual_tokens
+    if virtual:  # Prompt tuning (model/prompt.py): N virtual tokens at positions 0..N-1.
+      if segment_ids_BT is not None:
+        raise ValueError("config.peft.method='prompt' prepends virtual tokens to each row, which "
+                         'packed examples (segment ids) would not see: set config.data.packing='
+                         'False')
+      batch = tokens_BT.shape[0]
+      positions_BT = positions_BT + virtual
+      if not isinstance(cache, attention.Decode):  # Decoding finds them in the cache.
+        prompt_ND = prompt.embedding(self, embed).astype(cfg.dtype)
+        x_BTD = jnp.concatenate([jnp.broadcast_to(prompt_ND, (batch, *prompt_ND.shape)), x_BTD],
+                                axis=1)
+        positions_BT = jnp.concatenate(
+            [jnp.broadcast_to(jnp.arange(virtual), (batch, virtual)), positions_BT], axis=1)
+      if isinstance(cache, attention.Prefill):
+        cache = cache.replace(lengths_B=cache.lengths_B + virtual)
     if cfg.positions == 'learned':
       pos_table = self.param(
           'pos_embedding', nn.with_logical_partitioning(layers.default_kernel_init,
@@ -152,6 +173,8 @@ class Transformer(nn.Module):
     if isinstance(cache, attention.Prefill):  # The head only where the next token is drawn.
       last_B11 = (cache.lengths_B - 1)[:, None, None]
       x_BTD = jnp.take_along_axis(x_BTD, last_B11, axis=1)
+    elif virtual and cache is None:  # Logits for the row's own tokens only.
+      x_BTD = x_BTD[:, virtual:]
     x_BTD = hook('ln_final.hook_normalized', layers.make_norm(cfg, 'final_norm')(x_BTD))
     if cfg.head == 'classify':
       return self._score(pooled(x_BTD, tokens_BT, cfg.pad_id, cfg.pool), deterministic)
