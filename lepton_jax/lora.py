@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from lepton_jax import tree
 from lepton_jax.model import ModelConfig, Transformer
-from lepton_jax.model.config import LoraConfig
+from lepton_jax.model.config import LoraConfig, PeftConfig
 
 ADAPTER_PARAMS = ('lora_a', 'lora_b', 'lora_magnitude', 'lora_e')  # lora_e: AdaLoRA's.
 # The adapter leaves; also config.trainable when LoRA is on and trainable is left at its default.
@@ -157,7 +157,7 @@ def merge(model: Transformer, variables: dict) -> tuple[Transformer, dict]:
     for name in ADAPTER_PARAMS:
       module.pop(name, None)
     module['kernel'] = merged.astype(kernel.dtype)
-  plain = Transformer(dataclasses.replace(cfg, lora=LoraConfig()))
+  plain = Transformer(dataclasses.replace(cfg, lora=LoraConfig(), peft=PeftConfig()))
   return plain, dict(variables, params=params)
 
 

@@ -21,12 +21,12 @@ from flax import traverse_util
 import flax.linen as nn
 import jax
 
-from lepton_jax import config_lib, lora, sharding, train_state, tree
+from lepton_jax import adapters, config_lib, sharding, train_state, tree
 from lepton_jax.data import tokenizers
 from lepton_jax.hf import card, classify, family, gpt2, llama, mistral, peft, qwen2, qwen3
 from lepton_jax.hf import tensors
 from lepton_jax.model import ModelConfig, Transformer
-from lepton_jax.model.config import LoraConfig
+from lepton_jax.model.config import LoraConfig, PeftConfig
 
 FAMILIES = {f.model_type: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY,
                                       gpt2.FAMILY)}
@@ -90,15 +90,16 @@ def load(path: str, dtype: str | None = None, *, adapter: str | None = None,
   """(model, variables) of a Hugging Face causal-LM directory.
 
   `dtype` ('float32', 'bfloat16'; None: the checkpoint's) is the params' and compute dtype.
-  `adapter`: a PEFT LoRA directory over this base; the model then carries it as lepton LoRA
-  adapters (lepton_jax/lora.py merges or switches them). The variables are placed on `mesh` by
+  `adapter`: a PEFT LoRA, AdaLoRA or prompt-tuning directory over this base; the model then
+  carries it as lepton adapters (config.peft.method; lepton_jax/lora.py merges or switches LoRA's
+  and AdaLoRA's). The variables are placed on `mesh` by
   `rules` (default: one device); each process reads only the slices its devices hold.
   `run_fields` set ModelConfig fields that do not change what the model computes (scan_layers,
   attention, remat).
   """
   cfg = model_config(path, dtype, **run_fields)
   if adapter is not None:
-    cfg = dataclasses.replace(cfg, lora=peft.read_config(adapter, read_config(path)[0], cfg))
+    cfg = peft.read_model_config(adapter, read_config(path)[0], cfg)
   model = Transformer(cfg)
   return model, load_variables(path, model, mesh, rules, adapter)
 
@@ -120,17 +121,17 @@ def load_variables(path: str, model: Transformer, mesh=None, rules=config_lib.DE
   params = tensors.plan_params(abstract, nn.get_partition_spec(boxed)['params'],
                                {**_tensor_maps(hf_family, cfg), **peft.tensors(hf_family, cfg)},
                                cfg.num_layers)
-  is_adapter = lambda p: tree.matches(lora.ADAPTERS, p.name)
+  is_adapter = lambda p: tree.matches(adapters.ADAPTERS, p.name)
   base = tensors.Checkpoint(epath.Path(path))
   base.check([p for p in params if not is_adapter(p)],
              hf_family.buffers + (('lm_head.weight',) if cfg.tie_embeddings else ()),
              cfg.num_layers)
   sources = {False: base}
-  if cfg.lora.enabled:
+  if any(is_adapter(p) for p in params):
     if adapter is None:
-      raise ValueError(f'{path} holds no LoRA adapters: load the base without config.lora, or '
-                       'give a PEFT adapter directory')
-    sources[True] = tensors.Checkpoint(epath.Path(adapter), single=peft.WEIGHTS)
+      raise ValueError(f'{path} holds no adapters: load the base without config.lora or '
+                       'config.peft, or give a PEFT adapter directory')
+    sources[True] = peft.adapter_source(adapter, cfg)
     sources[True].check([p for p in params if is_adapter(p)], (), cfg.num_layers)
   leaves = {p.name: tensors.load_array(sources[is_adapter(p)], p, shape.shape, shard,
                                        cfg.param_dtype)
@@ -180,6 +181,9 @@ def save(model: Transformer, variables: dict, path: str, tokenizer=None, *,
   if cfg.lora.enabled:
     raise ValueError('hf.save: the model carries LoRA adapters; lora.merge(model, variables) '
                      'first, or hf.save_adapter(model, variables, path) for the adapters alone')
+  if cfg.peft.method in ('houlsby', 'pfeiffer', 'prompt'):
+    raise ValueError(f'hf.save: a Hugging Face model has no place for config.peft.method='
+                     f'{cfg.peft.method!r} adapters, which do not merge into the kernels')
   if cfg.quant.weights != 'none':
     raise ValueError('hf.save writes float weights and these are int8: export the float model '
                      '(without config.quant), or write an int8 checkpoint with scripts/quantize.py')
@@ -217,26 +221,31 @@ def save(model: Transformer, variables: dict, path: str, tokenizer=None, *,
 
 
 def save_adapter(model: Transformer, variables: dict, path: str) -> None:
-  """Writes `model`'s LoRA adapters as a PEFT directory (adapter_config.json,
-  adapter_model.safetensors) that `peft.PeftModel.from_pretrained(base, path)` loads."""
+  """Writes `model`'s LoRA, AdaLoRA (pruned as PEFT saves it, with its rank_pattern) or
+  prompt-tuning adapters as a PEFT directory (adapter_config.json, adapter_model.safetensors)
+  that `peft.PeftModel.from_pretrained(base, path)` loads."""
   cfg = model.cfg
-  if not cfg.lora.enabled:
+  if cfg.peft.method in ('houlsby', 'pfeiffer'):
+    raise ValueError(f'hf.save_adapter: PEFT has no format for config.peft.method='
+                     f'{cfg.peft.method!r} (bottleneck) adapters; keep the lepton checkpoint')
+  if not (cfg.lora.enabled or cfg.peft.virtual_tokens):
     raise ValueError('hf.save_adapter: the model has no LoRA adapters (config.lora.targets)')
-  hf_family, _ = family_of(dataclasses.replace(cfg, lora=LoraConfig()))
+  hf_family, _ = family_of(dataclasses.replace(cfg, lora=LoraConfig(), peft=PeftConfig()))
   target = epath.Path(path)
   _check_new_directory(target)
-  adapter = lora.adapter_of(variables['params'])
-  adapted = sorted({name.rsplit('/', 1)[0] for name in tree.names(adapter)})
+  adapter = adapters.adapter_of(variables['params'])
   plan = tensors.plan_params(
       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), adapter),
-      lora.adapter_of(nn.get_partition_spec(train_state.boxed_variables(model, 1))['params']),
+      adapters.adapter_of(nn.get_partition_spec(train_state.boxed_variables(model, 1))['params']),
       peft.tensors(hf_family, cfg), cfg.num_layers)
-  adapter_config = peft.adapter_config(hf_family, cfg, adapted)
+  adapter_config = peft.adapter_config(hf_family, cfg, adapter)
   if jax.process_index() == 0:
     target.mkdir(parents=True, exist_ok=True)
     (target / peft.CONFIG).write_text(json.dumps(adapter_config, indent=2))
   tensors.write(target, tensors.hf_tensors(plan), tensors.leaves_by_name(adapter), MAX_SHARD_BYTES,
                 single=peft.WEIGHTS)
+  if cfg.lora.svd and jax.process_index() == 0:
+    peft.prune_file(target, adapter_config['rank_pattern'])
 
 
 def _special_ids(tokenizer) -> dict:

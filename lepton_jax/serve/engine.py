@@ -107,7 +107,9 @@ class Engine:
                max_batch: int = 8, max_seq_len: int | None = None, max_queue: int = 256,
                mesh: jax.sharding.Mesh | None = None, rules=None):
     cfg = model.cfg
-    self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
+    # A request's own positions: prompt tuning's virtual tokens take the first ones.
+    self.max_seq_len = min(max_seq_len or cfg.max_seq_len,
+                           cfg.max_seq_len - cfg.peft.virtual_tokens)
     if max_batch < 1:
       raise ValueError(f'max_batch={max_batch}: must be at least 1')
     self.model, self.max_batch = model, max_batch
@@ -124,7 +126,7 @@ class Engine:
                          '--config.mesh.tensor) and run a server per replica')
       shardings = train_state.abstract_variables(model, self.mesh, self.rules, 8)[1]
       self.variables = jax.device_put(variables, shardings)
-    self.cache_len = generate.cache_length(cfg, self.max_seq_len)
+    self.cache_len = generate.cache_length(cfg, self.max_seq_len + cfg.peft.virtual_tokens)
     self.buckets = buckets(self.max_seq_len)
     self.stops = generate.stop_array(sorted(set(stop_ids)))
     self._stop_set = set(stop_ids)
