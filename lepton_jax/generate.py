@@ -96,11 +96,13 @@ def check_prompts(cfg: ModelConfig, prompt_tokens: Sequence[Sequence[int]],
     if outside:
       raise ValueError(f'prompt {index} holds token {outside[0]}, outside the vocabulary '
                        f'[0, {cfg.vocab_size})')
-  longest = max(map(len, prompt_tokens)) + cfg.peft.virtual_tokens  # Prompt tuning's go first.
+  virtual = cfg.peft.virtual_tokens  # Prompt tuning's, before every prompt.
+  longest = max(map(len, prompt_tokens)) + virtual
   # The last token drawn is never fed back: prompt + max_new_tokens - 1 positions are run.
   if longest + max_new_tokens - 1 > cfg.max_seq_len:
     raise ValueError(f'max_new_tokens={max_new_tokens} overflows the cache: after a prompt of '
-                     f'{longest} tokens (virtual ones included) the model has positions for '
+                     f'{longest} tokens{f" ({virtual} of them virtual)" if virtual else ""} the '
+                     'model has positions for '
                      f'{cfg.max_seq_len - longest + 1} more (max_seq_len={cfg.max_seq_len})')
 
 

@@ -140,5 +140,6 @@ def test_peft_methods_lepton_cannot_take_are_one_line_errors(base_dir, tmp_path)
       task_type='CAUSAL_LM', num_virtual_tokens=60))
   prompt.save_pretrained(tmp_path / 'long')
   lepton_model, variables = hf.load(str(base_dir), adapter=str(tmp_path / 'long'))
-  with pytest.raises(ValueError, match=r'after a prompt of 65 tokens \(virtual ones included\)'):
+  with pytest.raises(ValueError, match=r'after a prompt of 65 tokens \(60 of them virtual\) the '
+                                       r'model has positions for 0 more'):
     generate.generate(lepton_model, variables, [[1, 2, 3, 4, 5]], max_new_tokens=1)

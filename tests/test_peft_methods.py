@@ -152,7 +152,8 @@ def test_orthogonality_equals_numpy(scan_layers):
   for module in lora._adapted_modules(params).values():
     for a, b in zip(stack(np.asarray(module['lora_a'])), stack(np.asarray(module['lora_b']))):
       p_ri, q_or = a.reshape(-1, 3).T, b.reshape(3, -1).T  # PEFT's lora_A [r, in], lora_B [out, r].
-      norms += [np.linalg.norm(p_ri @ p_ri.T - np.eye(3)), np.linalg.norm(q_or.T @ q_or - np.eye(3))]
+      norms += [np.linalg.norm(p_ri @ p_ri.T - np.eye(3)),
+                np.linalg.norm(q_or.T @ q_or - np.eye(3))]
   assert len(norms) == 8
   np.testing.assert_allclose(adalora.orthogonality(params), np.mean(norms), rtol=1e-5)
 

@@ -106,7 +106,8 @@ def param_count(run_dir: epath.Path) -> int | None:
   if not path.exists():
     return None
   run_config = ml_collections.ConfigDict(json.loads(path.read_text()))
-  model = Transformer(ModelConfig.from_config(run_config.model, run_config.get('lora')))
+  model = Transformer(ModelConfig.from_config(run_config.model, run_config.get('lora'),
+                                              peft_config=run_config.get('peft')))
   abstract = sharding.unbox_abstract(train_state.boxed_variables(model, run_config.seq_len))
   return cost.param_counts(abstract['params'])['params']
 

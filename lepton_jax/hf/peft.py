@@ -117,7 +117,8 @@ def read_model_config(adapter_dir: str, hf_family: Family, cfg: ModelConfig) -> 
 class _Arrays(hf_tensors.Checkpoint):
   """An adapter file's tensors held in memory (AdaLoRA's, once padded to their initial rank)."""
 
-  def __init__(self, directory: epath.Path, arrays: dict[str, np.ndarray]):  # pylint: disable=super-init-not-called
+  def __init__(self, directory: epath.Path, arrays: dict[str, np.ndarray]):
+    # Not super().__init__: that reads the files, which these arrays replace.
     self.directory, self.arrays = directory, arrays
     self.file_of = {name: WEIGHTS for name in arrays}
     self.shapes = {name: x.shape for name, x in arrays.items()}

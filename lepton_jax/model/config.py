@@ -97,7 +97,7 @@ class PeftConfig:
   bottleneck: int = 16
   activation: str = 'relu'
   num_virtual_tokens: int = 0
-  prompt_init: str = 'vocab'  # vocab: rows of the embedding table (random tokens); random: N(0, .02).
+  prompt_init: str = 'vocab'  # vocab: the table's rows of random tokens; random: N(0, .02).
   seed: int = 0  # Which vocabulary rows 'vocab' copies.
 
   @classmethod
