@@ -132,6 +132,28 @@ def base_config() -> ml_collections.ConfigDict:
   config.nonfinite = 'stop'
   config.max_consecutive_skips = 10
 
+  # Looking into a run (lepton_jax/monitor.py). Memory, step and data-wait figures, per-event
+  # times and goodput are always logged (a few clock reads per step); these switch on the rest.
+  # A jax.profiler trace of steps start_step .. start_step + num_steps - 1 (never a compiling
+  # step) into dir ('' = WORKDIR/profile), for TensorBoard's profile plugin, xprof or Perfetto.
+  config.profile = ml_collections.ConfigDict(dict(
+      start_step=10,
+      num_steps=0,  # 0: no profile.
+      dir='',
+      all_processes=False,  # False: process 0 only.
+  ))
+  # > 0: when no step finishes for this many seconds (after the first), every thread's Python
+  # stack goes to the log and WORKDIR/hangs/; with hang_exit the run then exits with status 75
+  # (monitor.HANG_EXIT_CODE) so a scheduler restarts it. Allow for evaluation and checkpoints.
+  config.hang_timeout_s = 0.0
+  config.hang_exit = False
+  # A loss whose robust z-score over the previous `window` losses exceeds `threshold` is logged,
+  # with its batch's data position and gradient norm, to WORKDIR/timeline.jsonl. window 0: off.
+  config.loss_spike = ml_collections.ConfigDict(dict(window=100, threshold=6.0))
+  # A Weights & Biases run beside metrics.jsonl and TensorBoard when project is set (the wandb
+  # extra); mode: online | offline (no network; `wandb sync` later) | disabled.
+  config.wandb = ml_collections.ConfigDict(dict(project='', entity='', mode='online'))
+
   config.model = model_config()
 
   # Low-rank adapters (lepton_jax/lora.py): set targets to train adapters on a frozen base;
@@ -389,6 +411,7 @@ CHOICES = {
     'prune.schedule': model_fields.PRUNE_SCHEDULES,
     'distill.teacher_dtype': transformer.DTYPES,
     'distill.teacher_quant': model_fields.QUANT_WEIGHTS,
+    'wandb.mode': ('online', 'offline', 'disabled'),
 }
 POSITIVE = ('total_steps', 'batch_size', 'seq_len', 'grad_accum_steps', 'log_every_steps',
             'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
@@ -431,6 +454,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      '(0 keeps the packed order)')
   validate_task_data(config)
   data.filters.validate(config)
+  validate_monitoring(config)
   if config.lora.targets and config.lora.rank <= 0:
     raise ValueError(f'config.lora.rank={config.lora.rank}: must be positive when '
                      'config.lora.targets is set')
@@ -459,6 +483,20 @@ def validate_distill(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.distill.alpha={d.alpha}: must be in [0, 1]')
   if d.top_k < 0:
     raise ValueError(f'config.distill.top_k={d.top_k}: must be >= 0 (0: every token)')
+
+
+def validate_monitoring(config: ml_collections.ConfigDict) -> None:
+  """config.profile, config.hang_timeout_s and config.loss_spike."""
+  if config.profile.num_steps < 0 or config.profile.start_step < 1:
+    raise ValueError(f'config.profile: start_step={config.profile.start_step} must be >= 1 and '
+                     f'num_steps={config.profile.num_steps} >= 0 (0: no profile)')
+  if config.hang_timeout_s < 0:
+    raise ValueError(f'config.hang_timeout_s={config.hang_timeout_s}: must be >= 0 (0: no '
+                     'watchdog)')
+  if config.loss_spike.window and (config.loss_spike.window < 3 or
+                                   config.loss_spike.threshold <= 0):
+    raise ValueError(f'config.loss_spike: window={config.loss_spike.window} must be 0 (off) or '
+                     f'>= 3, and threshold={config.loss_spike.threshold} positive')
 
 
 def validate_task_data(config: ml_collections.ConfigDict) -> None:

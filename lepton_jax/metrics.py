@@ -1,12 +1,16 @@
-"""Where numbers go: WORKDIR/metrics.jsonl, TensorBoard event files, and a progress bar.
+"""Where numbers go: WORKDIR/metrics.jsonl, TensorBoard event files, optionally a Weights &
+Biases run (config.wandb), and a progress bar.
 
 The workdir may be local or on gs:// (etils.epath; TensorBoard through tensorboardX).
 """
+import html
 import json
 import os
 from typing import Mapping
+import uuid
 
 from etils import epath
+import ml_collections
 import tensorboardX
 import tqdm
 
@@ -17,17 +21,19 @@ class JsonLines:
   """A file of one JSON record per line, each with a 'step'; records are added in step order.
 
   A resumed run logs again the steps after its checkpoint, so opening it at `first_step` drops
-  the records after that step (and a line cut short by a crash). Local files are appended to.
+  the records after that step (and a line cut short by a crash); `first_step=None` keeps every
+  complete record (a timeline of all segments). Local files are appended to.
   Object stores (gs://) cannot append (gcsfs silently turns 'a' into 'w'), so there the whole
   file is written again for every record; it holds one short line per logged step.
   """
 
-  def __init__(self, path: epath.PathLike, first_step: int):
+  def __init__(self, path: epath.PathLike, first_step: int | None):
     self._path = epath.Path(path)
     self._remote = paths.is_remote(path)
     existing = self._path.read_text(encoding='utf-8') if self._path.exists() else ''
     kept = [line for line in existing.splitlines()
-            if (step := _logged_step(line)) is not None and step <= first_step]
+            if (step := _logged_step(line)) is not None and
+            (first_step is None or step <= first_step)]
     if _joined(kept) != existing:
       self._write(kept)
     self._remote_lines = kept  # What an object store's copy holds; unused for local files.
@@ -40,6 +46,12 @@ class JsonLines:
     else:
       with self._path.open('a', encoding='utf-8') as f:
         f.write(line + '\n')
+
+  def read(self) -> list[dict]:
+    """Every record, in order."""
+    lines = (self._remote_lines if self._remote else
+             self._path.read_text(encoding='utf-8').splitlines())
+    return [json.loads(line) for line in lines]
 
   def _write(self, lines: list[str]) -> None:
     paths.write_atomically(self._path, _joined(lines).encode('utf-8'))
@@ -58,31 +70,92 @@ def _logged_step(line: str) -> int | None:
 
 
 class MetricWriter:
-  """Writes scalars from the coordinating process; every other process writes nothing."""
+  """Writes scalars from the coordinating process to every sink (JSONL, TensorBoard, W&B);
+  every other process writes nothing. `wandb` is config.wandb (its project '' means no W&B)."""
 
-  def __init__(self, workdir: str, first_step: int, active: bool):
-    self._active = active
+  def __init__(self, workdir: str, first_step: int, active: bool,
+               wandb: ml_collections.ConfigDict | None = None,
+               run_config: ml_collections.ConfigDict | None = None):
+    self._sinks = []
     if active:
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-      self._jsonl = JsonLines(os.path.join(workdir, 'metrics.jsonl'), first_step)
-      self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._sinks = [JsonLinesWriter(os.path.join(workdir, 'metrics.jsonl'), first_step),
+                     TensorBoardWriter(os.path.join(workdir, 'tensorboard'))]
+      if wandb is not None and wandb.project:
+        self._sinks.append(WandbWriter(wandb, workdir, run_config))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
-    if not self._active:
-      return
-    record = {'step': step, **{k: float(v) for k, v in scalars.items()}}
-    self._jsonl.append(record)
-    for key, value in record.items():
-      if key != 'step':
-        self._tensorboard.add_scalar(key, value, step)
+    scalars = {k: float(v) for k, v in scalars.items()}
+    for sink in self._sinks:
+      sink.write(step, scalars)
 
   def write_text(self, step: int, tag: str, text: str) -> None:
-    if self._active:
-      self._tensorboard.add_text(tag, text, step)
+    for sink in self._sinks:
+      sink.write_text(step, tag, text)
 
   def close(self) -> None:
-    if self._active:
-      self._tensorboard.close()
+    for sink in self._sinks:
+      sink.close()
+
+
+class JsonLinesWriter:
+  """The writer interface over WORKDIR/metrics.jsonl: one record of scalars per logged step."""
+
+  def __init__(self, path: str, first_step: int):
+    self._jsonl = JsonLines(path, first_step)
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    self._jsonl.append({'step': step, **scalars})
+
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    del step, tag, text  # Texts (the sample) go to the other sinks and the console.
+
+  def close(self) -> None:
+    pass
+
+
+class TensorBoardWriter:
+
+  def __init__(self, directory: str):
+    self._tensorboard = tensorboardX.SummaryWriter(directory)
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    for key, value in scalars.items():
+      self._tensorboard.add_scalar(key, value, step)
+
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    self._tensorboard.add_text(tag, text, step)
+
+  def close(self) -> None:
+    self._tensorboard.close()
+
+
+class WandbWriter:
+  """A Weights & Biases run (the `wandb` extra). mode='offline' needs no network: the run is
+  written under WORKDIR/wandb for `wandb sync` later. A resumed run goes on in the same W&B run,
+  whose id WORKDIR/wandb_run_id keeps; W&B ignores the steps it already has."""
+
+  def __init__(self, settings: ml_collections.ConfigDict, workdir: str,
+               run_config: ml_collections.ConfigDict | None):
+    import wandb  # pylint: disable=g-import-not-at-top  (an optional dependency)
+    self._wandb = wandb
+    id_file = epath.Path(workdir) / 'wandb_run_id'
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + '\n')
+    self._run = wandb.init(
+        project=settings.project, entity=settings.entity or None, mode=settings.mode,
+        id=run_id, resume='allow', config=run_config.to_dict() if run_config else None,
+        dir=None if paths.is_remote(workdir) else workdir,  # W&B writes locally only.
+        settings=wandb.Settings(console='off'))  # Leaves the trainer's stdout alone.
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    self._run.log(dict(scalars), step=step)
+
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    self._run.log({tag: self._wandb.Html(f'<pre>{html.escape(text)}</pre>')}, step=step)
+
+  def close(self) -> None:
+    self._run.finish()
 
 
 def progress_bar(first_step: int, total_steps: int, active: bool) -> tqdm.tqdm:

@@ -17,7 +17,7 @@ import numpy as np
 
 from lepton_jax import checkpoint, cli, config_lib, data, distill, distributed, evals, experiment
 from lepton_jax import adalora, flops
-from lepton_jax import metrics, objectives, pretrained, sample, sharding, train_state
+from lepton_jax import metrics, monitor, objectives, pretrained, sample, sharding, train_state
 
 
 def global_batch(local_batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
@@ -108,6 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.data.filters.steps:  # Decontamination reads config.data alone: add the task files.
     config = data.filters.with_eval_files(config)
   is_coordinator = distributed.is_coordinator()
+  run_monitor = monitor.Monitor(config, workdir, active=is_coordinator)
   mesh = sharding.make_mesh(config.mesh)
   rules = config.mesh.rules
   data_parallel = sharding.data_parallel_size(mesh, rules)
@@ -155,8 +156,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       frozen_from = checkpointer.save_frozen(frozen, config.init_from, start_from)
     else:
       logging.info('Resuming from the checkpoint at step %d in %s', latest, workdir)
-      state, frozen = checkpointer.restore(latest, layout, train_iter,
-                                           data_state_is_global=not config.data.streaming)
+      with run_monitor.timed('checkpoint_restore'):
+        state, frozen = checkpointer.restore(latest, layout, train_iter,
+                                             data_state_is_global=not config.data.streaming)
       frozen_from = checkpointer.frozen_reference(latest)
       if teacher:
         teacher.check_resumed(checkpointer.teacher_reference(latest), workdir)
@@ -171,7 +173,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     variables = lambda: state.variables(frozen)
 
     step = int(state.step)
-    writer = metrics.MetricWriter(workdir, first_step=step, active=is_coordinator)
+    writer = metrics.MetricWriter(workdir, first_step=step, active=is_coordinator,
+                                  wandb=config.wandb, run_config=config)
     preemption = PreemptionWatch()
     guard = NonFiniteGuard(config.nonfinite, config.max_consecutive_skips)
     bar = metrics.progress_bar(step, config.total_steps, is_coordinator)
@@ -184,6 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       step_metrics = {k: float(v) for k, v in device_metrics.items()}
       finished = time.perf_counter()
       guard.check(step, step_metrics)
+      run_monitor.step_finished(step, step_metrics)
       due = evals.due(evaluators, step, config.total_steps)
       if not (step % config.log_every_steps == 0 or due):
         return
@@ -200,19 +204,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                           peak_flops)
       window = (step, finished)
       if due:
-        step_metrics.update(evals.run(due, variables()))
+        with run_monitor.timed('eval'):
+          step_metrics.update(evals.run(due, variables()))
         window = (step, time.perf_counter())  # Evaluation is not training time.
-      writer.write(step, step_metrics)
+      run_monitor.write(step, step_metrics)
       bar.set_postfix(loss=f"{step_metrics['train/loss']:.3f}")
       last_metrics = step_metrics
 
     # Metrics are read one step behind (nanodo): step k's while step k + 1 runs, so logging never
     # makes the host wait mid-step. Steps that evaluate, checkpoint or end the run are read at once.
     pending = None
+    run_monitor.start(step, writer, train_iter)
     try:
       while step < config.total_steps:
-        state, device_metrics = train_fn(state, step_frozen, global_batch(next(train_iter),
-                                                                          batch_sharding))
+        run_monitor.step_begins(step + 1, state)
+        with run_monitor.data_wait():
+          batch = global_batch(next(train_iter), batch_sharding)
+        state, device_metrics = train_fn(state, step_frozen, batch)
         step += 1
         bar.update(1)
         if pending:
@@ -229,15 +237,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           report(*pending)  # Before saving: a non-finite step is never written.
           pending = None
         if should_save:
-          checkpointer.save(step, state, train_iter, meta, force=preempted)
+          with run_monitor.timed('checkpoint_save'):
+            checkpointer.save(step, state, train_iter, meta, force=preempted)
+        run_monitor.step_ends()
         if preempted:
           logging.warning('Preempted at step %d: checkpoint written, exiting.', step)
           break
     finally:
       bar.close()
       preemption.close()
-      checkpointer.wait()
+      with run_monitor.timed('checkpoint_save'):
+        checkpointer.wait()
       checkpointer.close()
+      run_monitor.close()
 
     if step == config.total_steps and config.peft.method == 'adalora':
       adalora.write_ranks(workdir, state.trainable, writer, step, is_coordinator)
