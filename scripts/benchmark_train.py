@@ -11,24 +11,35 @@ batches, so data loading and logging are not measured. Prints one line of JSON w
 `--part=fwd_bwd` times the loss and its gradients as the step computes them (with the gradient
 all-reduce across data-parallel devices, without clipping and the optimizer); `--part=fwd` the
 loss alone. MFU is reported for whole steps only.
+
+`--part=loop` runs lepton-train's loop itself (the config's data, logging every step) for
+`--steps` steps with each part of lepton_jax/monitor.py that can be switched on, and with all
+of them off, alternating `--repeats` times, and prints the median host seconds per step of each
+(perf/step_seconds, compilation, evaluation and checkpoints excluded) and what one record's
+memory figures cost, which every variant pays:
+
+  python scripts/benchmark_train.py --config=configs/stdlib_tiny.py --part=loop --steps=30
 """
 import json
+import os
 import statistics
+import tempfile
 import time
 
 from absl import flags
 import jax
 import numpy as np
 
-from lepton_jax import cli, config_lib, data, experiment, flops, lora, objectives, sharding
-from lepton_jax import steps, train_state
+from lepton_jax import cli, config_lib, data, experiment, flops, lora, monitor, objectives
+from lepton_jax import sharding, steps, train, train_state
 from lepton_jax.model import ModelConfig, Transformer
 
 cli.define_flags()
 flags.DEFINE_integer('steps', 20, 'Timed steps per repeat.')
 flags.DEFINE_integer('repeats', 5, 'Timed repeats; the median is reported.')
-flags.DEFINE_enum('part', 'step', ['step', 'fwd_bwd', 'fwd'],
-                  'What to time: the train step, only the loss and gradients, or only the loss.')
+flags.DEFINE_enum('part', 'step', ['step', 'fwd_bwd', 'fwd', 'loop'],
+                  'What to time: the train step, only the loss and gradients, only the loss, or '
+                  'the training loop with each monitoring part on and off.')
 DEFAULT_WORKDIR = '/tmp/lepton_benchmark'  # Where a trained tokenizer is cached (vocab_size 0).
 
 
@@ -37,6 +48,44 @@ def resolved_model_config(config):
     return config.model
   workdir = flags.FLAGS.workdir or DEFAULT_WORKDIR
   return config_lib.resolve_vocab(config.model, data.build_tokenizer(config.data, workdir))
+
+
+def monitoring_variants(steps_: int) -> dict[str, dict]:
+  """Config overrides: everything of monitor.py that can be off, off; then each part on."""
+  off = {'profile.num_steps': 0, 'hang_timeout_s': 0.0, 'loss_spike.window': 0,
+         'wandb.project': ''}
+  parts = {'loss_spike': {'loss_spike.window': 10},
+           'watchdog': {'hang_timeout_s': 3600.0},
+           'profile': {'profile.start_step': 2, 'profile.num_steps': steps_},
+           'wandb_offline': {'wandb.project': 'lepton-benchmark', 'wandb.mode': 'offline'}}
+  variants = {'off': off, **{name: {**off, **part} for name, part in parts.items()}}
+  variants['all'] = {**off, **{k: v for part in parts.values() for k, v in part.items()}}
+  return variants
+
+
+def time_loop(config) -> dict:
+  """Median perf/step_seconds of lepton-train's loop under each monitoring variant."""
+  config = config_lib.override(config, {
+      'total_steps': flags.FLAGS.steps, 'log_every_steps': 1, 'sample.num_tokens': 0,
+      'eval_every_steps': 10 * flags.FLAGS.steps, 'checkpoint_every_steps': flags.FLAGS.steps})
+  root = flags.FLAGS.workdir or tempfile.mkdtemp(prefix='lepton_loop_benchmark_')
+  if config.data.tokenizer == 'sentencepiece' and not config.data.tokenizer_path:
+    config.data.tokenizer_path = data.tokenizers.trained_model_path(config.data, root)  # Once.
+  seconds = {name: [] for name in monitoring_variants(flags.FLAGS.steps)}
+  for repeat in range(flags.FLAGS.repeats):
+    for name, overrides in monitoring_variants(flags.FLAGS.steps).items():
+      workdir = os.path.join(root, f'{name}_{repeat}')
+      train.train_and_evaluate(config_lib.override(config, overrides), workdir)
+      with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+        records = [json.loads(line) for line in f]
+      seconds[name] += [r['perf/step_seconds'] for r in records[2:] if 'perf/step_seconds' in r]
+  start = time.perf_counter()
+  for _ in range(1000):
+    monitor.memory_figures()
+  return {'part': 'loop', 'steps': flags.FLAGS.steps, 'repeats': flags.FLAGS.repeats,
+          'ms_per_step': {name: round(1000 * statistics.median(s), 3)
+                          for name, s in seconds.items()},
+          'memory_figures_ms_per_record': round(time.perf_counter() - start, 4)}
 
 
 def jit_part(part: str, model, config, layout: train_state.Layout, batch_sharding):
@@ -63,6 +112,9 @@ def main(argv):
   cli.initialize_distributed()
   config = flags.FLAGS.config
   config_lib.validate(config)
+  if flags.FLAGS.part == 'loop':
+    print(json.dumps(time_loop(config)))
+    return
   model_config = ModelConfig.from_config(resolved_model_config(config), config.lora)
   model = Transformer(model_config)
   tx, schedule = experiment.make_optimizer(config)

@@ -34,3 +34,15 @@ def test_a_line_cut_short_by_a_crash_is_dropped(tmp_path):
   path.write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/lo')
   metrics.JsonLines(path, first_step=5).append({'step': 6})
   assert steps_in(path) == [1, 6]
+
+
+@pytest.mark.parametrize('where', ['local', 'gs'])
+def test_a_timeline_keeps_every_segment_and_reads_back(tmp_path, fake_gcs, where):
+  path = tmp_path / 'timeline.jsonl' if where == 'local' else 'gs://bucket/run/timeline.jsonl'
+  if where == 'gs':
+    epath.Path('gs://bucket/run').mkdir(parents=True)
+  metrics.JsonLines(path, first_step=None).append({'step': 30, 'event': 'steps'})
+  timeline = metrics.JsonLines(path, first_step=None)  # A segment resumed at step 20.
+  timeline.append({'step': 20, 'event': 'start'})
+  assert steps_in(path) == [30, 20]
+  assert timeline.read() == [{'step': 30, 'event': 'steps'}, {'step': 20, 'event': 'start'}]

@@ -80,6 +80,13 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
   assert 'Trained SentencePiece' in outputs['process 0']
   assert 'Trained SentencePiece' not in outputs['process 1']
   np.testing.assert_allclose(losses(tmp_path / 'multi'), losses(tmp_path / 'single'), rtol=1e-5)
+  # Process 0 logs every process's step time and data wait, so a straggler shows.
+  last = [json.loads(line) for line in open(tmp_path / 'multi' / 'metrics.jsonl')][-1]
+  for i in range(2):
+    assert last[f'perf/step_seconds/process_{i}'] > 0
+    assert 0 <= last[f'perf/data_wait_fraction/process_{i}'] <= 1
+  assert 'perf/step_seconds/process_0' not in json.loads(
+      open(tmp_path / 'single' / 'metrics.jsonl').readline())
 
 
 def test_two_processes_resume_their_own_streams_exactly(tmp_path):
