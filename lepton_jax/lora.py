@@ -7,17 +7,19 @@ shard them like it. Everything here is a transform of a params tree:
   adapter_of(params)          the adapter leaves alone (a few MB for a 1B base at r=8)
   with_adapter(params, a)     the base with adapter `a` in place: switch adapters per call
   AdapterSet, chosen          named adapters over one base, picked per call by name
+  stack, per_row              a batch whose rows use different adapters (serving)
   merge(model, variables)     kernels with the adapters folded in, as a plain (rank-0) model
   unmerge(...)                the inverse for plain LoRA
 """
 import dataclasses
 import re
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from lepton_jax import tree
-from lepton_jax.model import ModelConfig, Transformer
+from lepton_jax.model import ModelConfig, Transformer, layers
 from lepton_jax.model.config import LoraConfig, PeftConfig
 
 ADAPTER_PARAMS = ('lora_a', 'lora_b', 'lora_magnitude', 'lora_e')  # lora_e: AdaLoRA's.
@@ -110,6 +112,27 @@ def chosen(variables: 'dict | AdapterSet', adapter: str | None) -> dict:
     raise ValueError(f'adapter={adapter!r} picks an adapter of a lora.AdapterSet, but the '
                      'variables given are one model\'s')
   return variables
+
+
+def stack(adapters: Sequence[dict]) -> dict:
+  """Adapters of one layout (adapter_of trees) stacked on a new leading axis, for per_row."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *adapters)
+
+
+def per_row(cfg: ModelConfig, stacked: dict, adapter_ids_B: jax.Array) -> dict:
+  """A `lora_rows` collection (model/layers.py): row b of a batch adapted by adapter
+  adapter_ids_B[b] of `stacked` (lora.stack's), as punica and S-LoRA batch requests of different
+  adapters. Add it to the base's variables (without adapter leaves); plain LoRA only."""
+  if cfg.lora.dora:
+    raise ValueError('lora.per_row: DoRA rescales each output column by a norm of the whole '
+                     'adapted kernel, which one batch of mixed adapters cannot share; serve '
+                     'DoRA adapters merged, one per server')
+
+  def gather(name, leaf):
+    rows = jnp.take(leaf, adapter_ids_B, axis=0)  # [B, (L,) ...]
+    return jnp.moveaxis(rows, 0, 1) if _stacked(cfg, name) else rows  # Scanned: [L, B, ...].
+
+  return {layers.LORA_ROWS: tree.map_with_names(gather, stacked)}
 
 
 def _adapted_modules(params: dict) -> dict[str, dict]:

@@ -266,3 +266,22 @@ def test_generate_and_evaluate_take_an_adapter_name(tmp_path):
     generate.generate(model, adapters, prompts, 2)
   with pytest.raises(ValueError, match=r"adapter='a1' picks an adapter of a lora.AdapterSet"):
     generate.generate(model, base, prompts, 2, adapter='a1')
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_rows_of_a_batch_adapted_by_their_own_adapters_equal_each_alone(scan_layers):
+  model = tiny_model(scan_layers=scan_layers, targets=('all-linear',), rank=4)
+  variables = init(model)
+  adapters = [lora.adapter_of(perturb_adapters(variables, seed)['params']) for seed in (1, 2, 3)]
+  ids_B = jnp.asarray([2, 0, 1, 0])
+  tokens_BT = jnp.asarray(np.random.default_rng(3).integers(0, 64, (4, 12)))
+  base = dict(variables, params=lora.base_of(variables['params']))
+  mixed_BTV = model.apply(dict(base, **lora.per_row(model.cfg, lora.stack(adapters), ids_B)),
+                          tokens_BT)
+  for row, adapter_id in enumerate(ids_B.tolist()):
+    alone = dict(variables, params=lora.with_adapter(variables['params'], adapters[adapter_id]))
+    np.testing.assert_allclose(mixed_BTV[row], model.apply(alone, tokens_BT[row:row + 1])[0],
+                               atol=1e-5)
+  dora = tiny_model(scan_layers=scan_layers, targets=('q',), rank=4, dora=True)
+  with pytest.raises(ValueError, match='lora.per_row: DoRA rescales'):
+    lora.per_row(dora.cfg, lora.stack(adapters), ids_B)

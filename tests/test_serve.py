@@ -2,20 +2,25 @@
 run's completions, streaming, stop strings, echo log-probs, chat, errors in OpenAI's shape, the
 tokenizer endpoints, metrics, the API key, body limits and disconnects."""
 import contextlib
+import dataclasses
 import json
 import socket
 import threading
 import time
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 openai = pytest.importorskip('openai')
 requests = pytest.importorskip('requests')
 
-from lepton_jax import generate, sample, train  # pylint: disable=g-import-not-at-top
+from lepton_jax import generate, lora, sample, train  # pylint: disable=g-import-not-at-top
 from lepton_jax.data import chat
+from lepton_jax.model import Transformer
+from lepton_jax.model.config import LoraConfig
 from lepton_jax.serve import api, server
 from tests.conftest import tiny_config
 
@@ -327,3 +332,31 @@ def test_a_full_queue_and_a_draining_server_answer_503(lepton_run):
     served.engine.stop()  # Ends the waiting request, unanswered: 503.
     held.join(TIMEOUT)
     assert answers[0].status_code == 503 and 'stopped' in answers[0].json()['error']['message']
+
+
+def test_adapters_are_models_of_their_names_and_mix_in_one_batch(lepton_run):
+  model, variables, tokenizer = lepton_run
+  adapted = Transformer(dataclasses.replace(model.cfg, lora=LoraConfig(targets=('q', 'v'), rank=4)))
+  fresh = nn.unbox(adapted.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params']
+  adapters = {name: jax.tree.map(lambda x, k=jax.random.key(seed): x + 0.3 * jax.random.normal(
+      k, x.shape), lora.adapter_of(fresh)) for seed, name in ((1, 'alpha'), (2, 'beta'))}
+  with pytest.raises(ValueError, match="'alpha' is the base model's name"):
+    server.build(adapted, variables, tokenizer, 'alpha', adapters=adapters)
+  served = server.build(adapted, variables, tokenizer, 'tiny', max_batch=4, adapters=adapters)
+  adapter_set = lora.AdapterSet(variables)
+  for name, adapter in adapters.items():
+    adapter_set.add(name, adapter)
+  with running(served) as url:
+    assert [m.id for m in client(url).models.list().data] == ['tiny', 'alpha', 'beta']
+    ids = text_ids(tokenizer, PROMPTS[0])
+    for name in ('tiny', 'alpha', 'beta'):
+      completion = client(url).completions.create(model=name, prompt=PROMPTS[0], max_tokens=8,
+                                                  temperature=0)
+      expected = generate.generate(
+          adapted if name != 'tiny' else model,
+          adapter_set.variables(name) if name != 'tiny' else variables, [ids], 8,
+          stop_ids=tokenizer.eos_ids)[0]
+      assert completion.model == name
+      assert completion.choices[0].text == tokenizer.decode(expected), name
+    with pytest.raises(openai.NotFoundError, match="serves \\['tiny', 'alpha', 'beta'\\]"):
+      client(url).completions.create(model='gamma', prompt='x', max_tokens=1)

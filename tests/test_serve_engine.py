@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lepton_jax import generate, sharding
+from lepton_jax import generate, lora, sharding
 from lepton_jax.model import ModelConfig, Transformer
 from lepton_jax.serve import engine as engine_lib
 from tests.conftest import tiny_config
@@ -221,3 +221,32 @@ def test_int8_weights_activations_and_kv_cache_serve_unchanged():
   assert got == [generate.generate(model, variables, [p], 6)[0] for p in prompts]
   cache_dtypes = {leaf.dtype for leaf in jax.tree.leaves(nn.unbox(engine._state.cache))}
   assert np.dtype('int8') in cache_dtypes and 'quant' in engine.variables
+
+
+def test_requests_of_different_adapters_share_a_batch_and_decode_as_alone():
+  config = tiny_config(**{'model.vocab_size': VOCAB, 'model.max_seq_len': 64,
+                          'lora.targets': ('all-linear',), 'lora.rank': 4})
+  adapted = Transformer(ModelConfig.from_config(config.model, config.lora))
+  base = nn.unbox(adapted.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  adapters = {name: jax.tree.map(lambda x, k=jax.random.key(seed): x + 0.2 * jax.random.normal(
+      k, x.shape), lora.adapter_of(base['params'])) for seed, name in ((1, 'alpha'), (2, 'beta'))}
+  engine = engine_lib.Engine(adapted, base, stop_ids=[], max_batch=4, adapters=adapters)
+  engine.start()
+  try:
+    names = ['alpha', None, 'beta', 'alpha', 'beta', None]
+    requests = [engine_lib.Request(prompt(5 + 3 * i, seed=i), 8, emit=None, adapter=name)
+                for i, name in enumerate(names)]
+    results = run(engine, requests)
+    with pytest.raises(ValueError, match=r"no adapter named 'gamma'; loaded: \['alpha', 'beta'\]"):
+      engine.submit(engine_lib.Request([1, 2], 2, emit=None, adapter='gamma'))
+  finally:
+    engine.stop()
+  adapter_set = lora.AdapterSet(base)
+  for name, adapter in adapters.items():
+    adapter_set.add(name, adapter)
+  for request, (tokens, _, _) in zip(requests, results):  # The base: its adapters' B is zero.
+    expected_variables = adapter_set.variables(request.adapter) if request.adapter else base
+    expected = generate.generate(adapted, expected_variables, [request.prompt], 8)[0]
+    assert [t.id for t in tokens] == expected, request.adapter
+  assert generate.generate(adapted, adapter_set, [requests[0].prompt], 8, adapter='alpha') != \
+      generate.generate(adapted, adapter_set, [requests[0].prompt], 8, adapter='beta')

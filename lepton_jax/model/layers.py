@@ -34,6 +34,20 @@ def matmul_2d(x: jax.Array, w: jax.Array, num_contracted: int) -> jax.Array:
   return (x_2d @ w_2d).reshape(*batch_shape, *out_shape)
 
 
+def rowwise_matmul(x: jax.Array, w: jax.Array, num_contracted: int) -> jax.Array:
+  """matmul_2d with a weight per batch row: x [B, ..., *in] times w [B, *in, *out]."""
+  rows, contracted = x.shape[0], x.shape[x.ndim - num_contracted:]
+  x_BMK = x.reshape(rows, -1, math.prod(contracted))
+  w_BKN = w.reshape(rows, x_BMK.shape[-1], -1)
+  return (x_BMK @ w_BKN).reshape(*x.shape[:x.ndim - num_contracted],
+                                 *w.shape[1 + num_contracted:])
+
+
+# Adapters per batch row (lora.per_row): where a Dense finds lora_a and lora_b [B, ...] in this
+# collection, row b of the batch computes with adapter b (a server's batch of mixed adapters).
+LORA_ROWS = 'lora_rows'
+
+
 class Dense(nn.Module):
   """The single weight matmul of the model: contracts the last `len(in_axes)` input dims.
 
@@ -107,6 +121,10 @@ class Dense(nn.Module):
     """y + scale (dropout(x) A) B, or DoRA's rescaled form (see model/config.py LoraConfig);
     y = x W, and `kernel()` gives W [*in, *out] (DoRA's column norms need it)."""
     lora, num_in = self.lora, len(in_shape)
+    if self.has_variable(LORA_ROWS, 'lora_a'):  # Each batch row with its own adapter.
+      a_BIR, b_BRO = (self.get_variable(LORA_ROWS, name).astype(self.dtype)
+                      for name in ('lora_a', 'lora_b'))
+      return y + lora.scale * rowwise_matmul(rowwise_matmul(x, a_BIR, num_in), b_BRO, 1)
     a_init = _lora_a_init(lora, math.prod(in_shape))
     a = self.param('lora_a', nn.with_logical_partitioning(a_init, (*self.in_axes, 'lora_rank')),
                    (*in_shape, lora.rank), self.param_dtype).astype(self.dtype)

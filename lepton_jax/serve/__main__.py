@@ -3,16 +3,27 @@
   lepton-serve --hf_dir=/models/Qwen2.5-0.5B [--max_batch=16] [--port=8000]
   lepton-serve --config=configs/stdlib_tiny.py --workdir=/tmp/stdlib_tiny [--step=400]
       [--host=127.0.0.1] [--max_seq_len=N] [--api_key=KEY] [--drain_s=30]
+      [--adapter=NAME=PATH ...]
+
+Each --adapter is a LoRA adapter over the served base, asked for as model NAME: PATH is a PEFT
+adapter directory (over --hf_dir) or a lepton LoRA run's workdir (trained from this base). One
+batch mixes requests of every adapter (lora.per_row).
 
 The model loads as lepton-eval loads it (safetensors or orbax, never pickle); --config.mesh.tensor
 splits it over that many devices. See docs/serving.md.
 """
+import dataclasses
+import json
 import os
 
 from absl import app, flags
+from etils import epath
 import jax
+import ml_collections
 
-from lepton_jax import cli, config_lib, evaluate, sharding
+from lepton_jax import cli, config_lib, evaluate, lora, sample, sharding
+from lepton_jax.model import Transformer
+from lepton_jax.model.config import ARCHITECTURE_FIELDS
 
 
 def define_flags() -> None:
@@ -33,6 +44,44 @@ def define_flags() -> None:
   flags.DEFINE_float('drain_s', 30.0, 'On SIGTERM, how long in-flight requests may finish.',
                      lower_bound=0)
   flags.DEFINE_integer('max_body_kb', 4096, 'Largest request body accepted.', lower_bound=1)
+  flags.DEFINE_multi_string('adapter', [], 'NAME=PATH: a LoRA adapter served as model NAME (a '
+                            'PEFT directory over --hf_dir, or a lepton LoRA run\'s workdir).')
+
+
+def load_adapters(specs: list[str], model: Transformer, hf_dir: str | None):
+  """(the model with the adapters' LoRA config, {name: adapter}) of --adapter NAME=PATH flags."""
+  adapters, lora_config = {}, None
+  for spec in specs:
+    name, _, path = spec.partition('=')
+    if not name or not path:
+      raise ValueError(f'--adapter={spec!r}: expected NAME=PATH')
+    if name in adapters:
+      raise ValueError(f'--adapter: two adapters are named {name!r}')
+    if (epath.Path(path) / 'adapter_config.json').exists():
+      if not hf_dir:
+        raise ValueError(f'--adapter={spec}: a PEFT adapter needs its base model as --hf_dir')
+      from lepton_jax import hf  # pylint: disable=g-import-not-at-top  (the hf extra)
+      adapted, variables = hf.load(hf_dir, adapter=path)
+    else:
+      run_config = epath.Path(path) / config_lib.RUN_CONFIG
+      if not run_config.exists():
+        raise FileNotFoundError(f'--adapter={spec}: {path} is neither a PEFT adapter directory '
+                                f'(adapter_config.json) nor a lepton run ({run_config})')
+      adapted, variables, _ = sample.load(
+          ml_collections.ConfigDict(json.loads(run_config.read_text())), path)
+    architecture = lambda cfg: {field: getattr(cfg, field) for field in ARCHITECTURE_FIELDS}
+    if architecture(adapted.cfg) != architecture(model.cfg):
+      raise ValueError(f'--adapter={spec}: its base model is not the one served')
+    if not adapted.cfg.lora.enabled:
+      raise ValueError(f'--adapter={spec}: {path} holds no LoRA adapter')
+    if lora_config not in (None, adapted.cfg.lora):
+      raise ValueError(f'--adapter={spec}: other LoRA settings than the first adapter\'s (one '
+                       'server mixes adapters of one targets, rank and alpha)')
+    lora_config = adapted.cfg.lora
+    adapters[name] = lora.adapter_of(variables['params'])
+  if not adapters:
+    return model, {}
+  return Transformer(dataclasses.replace(model.cfg, lora=lora_config)), adapters
 
 
 def serve_mesh(mesh_config):
@@ -58,11 +107,12 @@ def main(argv):
     config_lib.validate(config)
     mesh = serve_mesh(config.mesh)
     model, variables, tokenizer = evaluate.load(config, f.workdir, f.hf_dir, f.step)
+    model, adapters = load_adapters(f.adapter, model, f.hf_dir)
     name = f.name or os.path.basename(os.path.normpath(f.hf_dir or f.workdir))
     served = server.build(model, variables, tokenizer, name, max_batch=f.max_batch,
                           max_seq_len=f.max_seq_len, max_queue=f.max_queue, mesh=mesh,
                           rules=config.mesh.rules, api_key=f.api_key,
-                          max_body_bytes=f.max_body_kb * 1024)
+                          max_body_bytes=f.max_body_kb * 1024, adapters=adapters)
     server.serve(served, f.host, f.port, f.drain_s)
 
 

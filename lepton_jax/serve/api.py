@@ -178,10 +178,20 @@ def budget(served: Served, prompt_len: int, asked: int | None, default: int | No
   return asked
 
 
+def served_models(served: Served) -> list[str]:
+  """The base model's name, then each adapter's (the engine's adapter names)."""
+  return [served.name, *served.engine.adapter_names]
+
+
 def check_model(served: Served, model: str | None) -> None:
-  if model is not None and model != served.name:
+  if model is not None and model not in served_models(served):
     raise APIError(404, f'the model {model!r} does not exist; this server serves '
-                   f'{[served.name]}', 'model')
+                   f'{served_models(served)}', 'model')
+
+
+def adapter_of(served: Served, model: str | None) -> str | None:
+  """The engine's adapter for a request's `model` (None: the base)."""
+  return None if model in (None, served.name) else model
 
 
 def stops(stop: str | list[str] | None) -> list[str]:
@@ -445,8 +455,10 @@ def create_app(served: Served) -> fastapi.FastAPI:
   @app.get('/v1/models', dependencies=guarded)
   async def models():
     return {'object': 'list', 'data': [
-        {'id': served.name, 'object': 'model', 'created': served.created,
-         'owned_by': 'lepton_jax', 'max_model_len': served.engine.max_seq_len}]}
+        {'id': name, 'object': 'model', 'created': served.created, 'owned_by': 'lepton_jax',
+         'max_model_len': served.engine.max_seq_len,
+         **({'parent': served.name} if name != served.name else {})}
+        for name in served_models(served)]}
 
   @app.get('/tokenizer_info', dependencies=guarded)
   async def tokenizer_info():
@@ -568,13 +580,14 @@ async def respond(request: fastapi.Request, served: Served, body: Sampling, choi
   wants_logprobs = body.logprobs if chat else body.logprobs is not None
   iterators = [run_choice(served, dict(
       max_new=max_new, temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
-      min_p=body.min_p, seed=body.seed, index=j, score_prompt=echo and wants_logprobs),
+      min_p=body.min_p, seed=body.seed, index=j, score_prompt=echo and wants_logprobs,
+      adapter=adapter_of(served, body.model)),
       ids, stop, index, arrived) for _, ids, max_new, index, j in choices]
   prompt_tokens = sum(len(ids) for _, ids, _, index, j in choices if j == 0)
   served.metrics.prompt_tokens.inc(prompt_tokens)
   rid = f'{"chatcmpl" if chat else "cmpl"}-{secrets.token_hex(12)}'
   head = {'id': rid, 'object': 'chat.completion' if chat else 'text_completion',
-          'created': int(time.time()), 'model': served.name}
+          'created': int(time.time()), 'model': body.model or served.name}
   prompts = {index: (text, ids) for text, ids, _, index, _ in choices}
   usage = lambda drawn: {'prompt_tokens': prompt_tokens, 'completion_tokens': drawn,
                          'total_tokens': prompt_tokens + drawn}

@@ -14,8 +14,14 @@ settings and key, so a request draws the same tokens whoever shares the batch wi
 
 Everything is compiled before the first request (`start`): prefill and prompt scoring once per
 bucket, insert and the decode step once; traffic of any shape compiles nothing more.
+
+With `adapters` (LoRA adapters over the model's base, by name) each request names its adapter
+(None: the base). Its prompt is prefilled with that adapter, and the decode step's batch mixes
+them: each row applies its own adapter (lora.per_row), as punica and S-LoRA do, so a request
+never waits for others of its adapter.
 """
 import dataclasses
+import functools
 import logging
 import os
 import queue
@@ -27,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lepton_jax import generate, sharding, train_state
+from lepton_jax import generate, lora, sharding, train_state, tree
 from lepton_jax.model import Transformer
 
 MAX_TOP = 5  # The most alternatives a token's logprobs may list (OpenAI's completions limit).
@@ -74,6 +80,7 @@ class Request:
   min_p: float = 0.0
   seed: int | None = None  # None: a fresh random seed.
   index: int = 0  # Draws from fold_in(key(seed), index), as row `index` of generate.generate.
+  adapter: str | None = None  # One of the engine's adapters; None: the base model.
   score_prompt: bool = False
   submitted: float = dataclasses.field(default_factory=time.perf_counter)
   cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -88,6 +95,14 @@ class QueueFull(Exception):
 
 class Stopped(Exception):
   """The engine admits nothing more: it is draining or stopped (HTTP 503)."""
+
+
+@functools.partial(jax.jit, static_argnames='model', donate_argnames='state')
+def mixed_decode_step(model: Transformer, base, stacked, adapter_ids_B: jax.Array,
+                      state: generate.DecodeState, stop_ids: jax.Array) -> generate.DecodeState:
+  """generate.decode_step with row b adapted by adapter adapter_ids_B[b] of `stacked`."""
+  variables = dict(base, **lora.per_row(model.cfg, stacked, adapter_ids_B))
+  return generate.decode_step(model, variables, state, stop_ids)
 
 
 def buckets(max_len: int) -> list[int]:
@@ -105,7 +120,8 @@ class Engine:
 
   def __init__(self, model: Transformer, variables: dict, stop_ids: Sequence[int], *,
                max_batch: int = 8, max_seq_len: int | None = None, max_queue: int = 256,
-               mesh: jax.sharding.Mesh | None = None, rules=None):
+               mesh: jax.sharding.Mesh | None = None, rules=None,
+               adapters: dict[str, dict] | None = None):
     cfg = model.cfg
     # A request's own positions: prompt tuning's virtual tokens take the first ones.
     self.max_seq_len = min(max_seq_len or cfg.max_seq_len,
@@ -125,7 +141,8 @@ class Engine:
                          '--config.mesh.data=1 --config.mesh.fsdp=1 (split the model with '
                          '--config.mesh.tensor) and run a server per replica')
       shardings = train_state.abstract_variables(model, self.mesh, self.rules, 8)[1]
-      self.variables = jax.device_put(variables, shardings)
+      self.variables = jax.device_put(variables, tree.select(shardings, variables))
+      self._set_adapters(adapters or {})
     self.cache_len = generate.cache_length(cfg, self.max_seq_len + cfg.peft.virtual_tokens)
     self.buckets = buckets(self.max_seq_len)
     self.stops = generate.stop_array(sorted(set(stop_ids)))
@@ -139,6 +156,27 @@ class Engine:
     self._running = False
     self.failed = None  # Why the engine thread ended, if it failed.
 
+  def _set_adapters(self, adapters: dict[str, dict]) -> None:
+    """The variables of each adapter for prefill, and all of them stacked for the decode step
+    (index 0: the base, an adapter whose B is zero)."""
+    self.adapter_names = list(adapters)
+    self._adapter_ids_B = np.zeros(self.max_batch, np.int32)
+    if not adapters:
+      self._stacked, self._variables_of = None, {None: self.variables}
+      return
+    if not self.model.cfg.lora.enabled:
+      raise ValueError('adapters need a model with config.lora (their targets and rank)')
+    adapter_set = lora.AdapterSet(self.variables)
+    for name, adapter in adapters.items():
+      adapter_set.add(name, adapter)
+    zero = jax.tree.map(jnp.zeros_like, next(iter(adapters.values())))
+    self._stacked = jax.device_put(lora.stack([zero, *adapters.values()]),
+                                   sharding.replicated(self.mesh))
+    self._variables_of = {None: dict(adapter_set.base,
+                                     params=tree.merge(adapter_set.base['params'], zero))}
+    self._variables_of.update({name: adapter_set.variables(name) for name in adapters})
+    self._base = adapter_set.base
+
   # --- the outside: any thread ----------------------------------------------------------------
 
   def start(self) -> None:
@@ -151,6 +189,8 @@ class Engine:
 
   def submit(self, request: Request) -> None:
     """Queues `request`; raises QueueFull or Stopped. Validation is the caller's (api.py)."""
+    if request.adapter not in self._variables_of:
+      raise ValueError(f'no adapter named {request.adapter!r}; loaded: {self.adapter_names}')
     if not self._admitting:
       raise Stopped('the server is shutting down and admits no new requests')
     try:
@@ -205,10 +245,10 @@ class Engine:
     # Every slot free: one-token prompts that end at once.
     tokens_BT, lengths_B = generate.pad_prompts([[0]] * self.max_batch, self.max_batch, 16)
     self._state = generate.prefill(
-        self.model, self.variables, tokens_BT, lengths_B, self.cache_len,
+        self.model, self._variables_of[None], tokens_BT, lengths_B, self.cache_len,
         generate.sampling(self.max_batch), np.ones(self.max_batch, np.int32), self.stops, MAX_TOP)
     self._state = generate.insert(self._state, rows, 0)
-    self._state = generate.decode_step(self.model, self.variables, self._state, self.stops)
+    self._state = self._decode_step()
     jax.block_until_ready(self._state)
 
   def _loop(self) -> None:
@@ -248,14 +288,23 @@ class Engine:
           continue
         rows = self._prefill(request)
         self._state = generate.insert(self._state, rows, slot)
+        if self._stacked is not None:
+          self._adapter_ids_B[slot] = 1 + self.adapter_names.index(request.adapter) \
+              if request.adapter is not None else 0
       except Exception as e:  # pylint: disable=broad-except  (one request, never the engine)
         request.emit(Finished('error', error=f'{type(e).__name__}: {e}'))
         continue
       self._slots[slot], self._emitted[slot] = request, 0
       self._emit_new(slot, *self._host_rows(rows, 0))
 
+  def _decode_step(self) -> generate.DecodeState:
+    if self._stacked is None:
+      return generate.decode_step(self.model, self.variables, self._state, self.stops)
+    return mixed_decode_step(self.model, self._base, self._stacked,
+                             jnp.asarray(self._adapter_ids_B), self._state, self.stops)
+
   def _step(self) -> None:
-    self._state = generate.decode_step(self.model, self.variables, self._state, self.stops)
+    self._state = self._decode_step()
     host = self._host_rows(self._state, slice(None))
     for slot, request in enumerate(self._slots):
       if request is not None:
@@ -292,7 +341,8 @@ class Engine:
   def _prefill(self, request: Request) -> generate.DecodeState:
     tokens_BT, lengths_B = generate.pad_prompts(
         [request.prompt], 1, generate.bucket(len(request.prompt), self.max_seq_len))
-    return generate.prefill(self.model, self.variables, tokens_BT, lengths_B, self.cache_len,
+    return generate.prefill(self.model, self._variables_of[request.adapter], tokens_BT,
+                            lengths_B, self.cache_len,
                             self._settings(request), np.array([request.max_new], np.int32),
                             self.stops, MAX_TOP)
 
@@ -300,6 +350,7 @@ class Engine:
     tokens_BT, _ = generate.pad_prompts(
         [request.prompt], 1, generate.bucket(len(request.prompt), self.max_seq_len))
     logprob_BT, ids_BTR, top_BTR = jax.device_get(
-        generate.prompt_logprobs(self.model, self.variables, tokens_BT, MAX_TOP))
+        generate.prompt_logprobs(self.model, self._variables_of[request.adapter], tokens_BT,
+                                 MAX_TOP))
     n = len(request.prompt) - 1
     return Prompt(logprob_BT[0, :n].tolist(), ids_BTR[0, :n].tolist(), top_BTR[0, :n].tolist())

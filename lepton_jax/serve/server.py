@@ -54,10 +54,15 @@ def chat_encoder(tokenizer: tokenizers.Tokenizer):
 
 def build(model, variables, tokenizer: tokenizers.Tokenizer, name: str, *, max_batch: int = 8,
           max_seq_len: int | None = None, max_queue: int = 256, mesh=None, rules=None,
-          api_key: str | None = None, max_body_bytes: int = 4 * 2**20) -> api.Served:
-  """The engine (not started) and everything the HTTP layer needs about the model."""
+          api_key: str | None = None, max_body_bytes: int = 4 * 2**20,
+          adapters: dict[str, dict] | None = None) -> api.Served:
+  """The engine (not started) and everything the HTTP layer needs about the model; `adapters`
+  (LoRA adapters over it by name, lora.adapter_of trees) are served as models of those names."""
+  if adapters and name in adapters:
+    raise ValueError(f'--adapter {name}=...: {name!r} is the base model\'s name')
   engine = engine_lib.Engine(model, variables, tokenizer.eos_ids, max_batch=max_batch,
-                             max_seq_len=max_seq_len, max_queue=max_queue, mesh=mesh, rules=rules)
+                             max_seq_len=max_seq_len, max_queue=max_queue, mesh=mesh, rules=rules,
+                             adapters=adapters)
   encode, chat_error = chat_encoder(tokenizer)
   info = {'eos_token': None, 'bos_token': None}
   if isinstance(tokenizer, tokenizers.HFTokenizer):
