@@ -47,6 +47,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, with a one-line error for a --config.KEY override that names no field."""
   try:
     return FLAGS(argv)
+  except (flags.UnrecognizedFlagError, config_flags.config_flags.FlagOrderError) as e:
+    # A --config.KEY without --config, or before it.
+    if isinstance(e, flags.UnrecognizedFlagError) and not e.flagname.startswith('config.'):
+      raise
+    sys.exit('FATAL Flags parsing error: --config.KEY overrides a config file: give '
+             '--config=FILE before them (configs/base.py holds the defaults)')
   except (AttributeError, KeyError) as e:  # Raised by ml_collections for an unknown key.
     while isinstance(e, (AttributeError, KeyError)) and e.args:  # Unwrap to the message.
       e = e.args[0]

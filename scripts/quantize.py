@@ -3,7 +3,7 @@
   python scripts/quantize.py --config=configs/stdlib_tiny.py --workdir=/tmp/stdlib_tiny \
       --out=/tmp/stdlib_tiny_int8 --config.quant.weights=int8 [--config.quant.granularity=group]
   python scripts/quantize.py --hf_dir=/models/Llama-3.2-1B --out=/tmp/llama_int8 \
-      --config.quant.weights=int8
+      --config=configs/base.py --config.quant.weights=int8
 
 The source is never modified. OUT then loads like a run's workdir, its model, tokenizer and
 int8 weights coming from OUT itself:
@@ -16,6 +16,7 @@ Prints the bytes of the int8 variables beside those of the same weights in f32 a
 """
 from absl import app, flags
 import jax
+import ml_collections
 
 from lepton_jax import cli, config_lib, evaluate, quant, sharding
 
@@ -37,6 +38,9 @@ def main(argv):
       raise ValueError("config.quant.weights='none' leaves nothing to quantize: give "
                        '--config.quant.weights=int8 (and --config.quant.* for the scheme)')
     model, variables, tokenizer = evaluate.load(config, f.workdir, f.hf_dir, f.step)
+    if f.hf_dir:  # The directory's tokenizer, which OUT gets a copy of.
+      config = ml_collections.ConfigDict(config.to_dict())
+      config.data.update(tokenizer='hf', tokenizer_path=f.hf_dir)
     source = f'hf:{f.hf_dir}' if f.hf_dir else f'workdir:{f.workdir}' + (
         f':{f.step}' if f.step is not None else '')
     with sharding.use_mesh(sharding.make_mesh(config.mesh), config.mesh.rules):

@@ -16,7 +16,7 @@ import pytest
 from lepton_jax import config_lib, generate, quant, sample, sharding, steps, train, tree
 from lepton_jax.model import ModelConfig, Transformer, int8
 from lepton_jax.model.config import QuantConfig
-from tests.conftest import override, tiny_config
+from tests.conftest import override, save_tiny_hf_llama, tiny_config
 
 REPO = pathlib.Path(__file__).parent.parent
 W8 = QuantConfig(weights='int8')
@@ -283,3 +283,25 @@ def test_a_group_size_that_does_not_divide_a_dim_names_the_layer():
                                        r'layers_0/attn/query \(embed=64\)'):
     quant.quantize(model, init(model), QuantConfig(weights='int8', granularity='group',
                                                    group_size=48))
+
+
+def test_a_hugging_face_model_quantizes_to_an_int8_checkpoint(tmp_path):
+  pytest.importorskip('transformers')
+  from lepton_jax import hf  # pylint: disable=g-import-not-at-top
+  save_tiny_hf_llama(tmp_path / 'hf')
+  out = tmp_path / 'int8'
+  args = (f'--hf_dir={tmp_path / "hf"}', f'--out={out}', '--config.quant.weights=int8')
+  without_config = quantize_script(*args)
+  assert without_config.returncode != 0
+  assert 'give --config=FILE before them (configs/base.py' in without_config.stderr
+  result = quantize_script('--config=configs/base.py', *args, '--config.quant.activations=int8')
+  assert result.returncode == 0, result.stderr[-2000:]
+  # Its weight fields come from OUT; activations are how a load runs, the base config's here.
+  small = override(config_lib.base_config(), seq_len=32, **{'sample.num_tokens': 0})
+  model, variables, tokenizer = sample.load(small, str(out))
+  assert model.cfg.quant.weights == 'int8' and model.cfg.quant.activations == 'none'
+  _, expected = quant.quantize(*hf.load(str(tmp_path / 'hf')), W8)
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(a, b)
+  assert tokenizer.encode('def main():') == hf.load_tokenizer(str(tmp_path / 'hf')).encode(
+      'def main():')
