@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lepton_jax import checkpoint, config_lib, quant, sample, steps, train, tree
+from lepton_jax import checkpoint, config_lib, objectives, quant, sample, train, tree
 from lepton_jax.model import ModelConfig, Transformer, int8
 from lepton_jax.model.config import QuantConfig
 from tests.conftest import override, read_metrics, tiny_config
@@ -65,7 +65,7 @@ def test_a_qat_model_computes_what_its_int8_model_computes(scheme, scan_layers):
 
 def loss(model, variables) -> jax.Array:
   logits_BTV = model.apply(variables, TOKENS_BT[:, :-1])
-  loss_BT, _ = steps.token_losses(logits_BTV, TOKENS_BT[:, 1:], 0.0)
+  loss_BT, _ = objectives.token_losses(logits_BTV, TOKENS_BT[:, 1:], 0.0)
   return jnp.mean(loss_BT)
 
 
