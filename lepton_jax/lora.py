@@ -127,6 +127,9 @@ def per_row(cfg: ModelConfig, stacked: dict, adapter_ids_B: jax.Array) -> dict:
     raise ValueError('lora.per_row: DoRA rescales each output column by a norm of the whole '
                      'adapted kernel, which one batch of mixed adapters cannot share; serve '
                      'DoRA adapters merged, one per server')
+  if cfg.lora.svd:
+    raise ValueError('lora.per_row: AdaLoRA adapters (with singular values lora_e) are served '
+                     'merged (lora.merge), one per server')
 
   def gather(name, leaf):
     rows = jnp.take(leaf, adapter_ids_B, axis=0)  # [B, (L,) ...]
