@@ -7,5 +7,6 @@ whose model comes from elsewhere (--hf_dir) but that take --config.KEY overrides
 from lepton_jax import config_lib
 
 
-def get_config():
+def get_config(arg=None):
+  del arg  # The defaults take no argument.
   return config_lib.base_config()

@@ -8,6 +8,7 @@ import ml_collections
 from lepton_jax import adalora, adapters, checkpoint, config_lib, data, lora, optim, pretrained
 from lepton_jax import prune, sharding, train_state, tree
 from lepton_jax.model import ModelConfig, Transformer
+from lepton_jax.model.config import model_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +73,7 @@ def save_run_config(config: ml_collections.ConfigDict, run: Experiment, workdir:
   """Writes WORKDIR/config.json: the config with what was resolved at start-up filled in (the
   model's vocab_size, the tokenizer's file), so another run can start from this one."""
   resolved = ml_collections.ConfigDict(config.to_dict())
-  resolved.model.update({k: v for k, v in dataclasses.asdict(run.model_config).items()
-                         if k not in ('lora', 'quant', 'prune')})  # Those keep their own groups.
+  resolved.model.update(model_fields(run.model_config))  # The groups keep their own.
   resolved.data.tokenizer_path = run.tokenizer.path or config.data.tokenizer_path
   path = epath.Path(workdir) / config_lib.RUN_CONFIG
   path.parent.mkdir(parents=True, exist_ok=True)

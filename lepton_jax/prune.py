@@ -35,7 +35,7 @@ import optax
 
 from lepton_jax import checkpoint, config_lib, objectives, quant, sharding, steps, tree
 from lepton_jax.model import Transformer
-from lepton_jax.model.config import ARCHITECTURE_FIELDS, ModelConfig, PruneConfig
+from lepton_jax.model.config import ARCHITECTURE_FIELDS, ModelConfig, PruneConfig, model_fields
 
 MASKS = 'prune'  # The variable collection (train_state.MASKS).
 
@@ -356,8 +356,7 @@ def save(out: str, config: ml_collections.ConfigDict, model: Transformer, variab
   if out_dir.exists() and any(out_dir.iterdir()):
     raise FileExistsError(f'{out} is not empty: give a new directory for the pruned checkpoint')
   saved = ml_collections.ConfigDict(config.to_dict())
-  saved.model.update({k: v for k, v in dataclasses.asdict(model.cfg).items()
-                      if k not in ('lora', 'quant', 'prune')})
+  saved.model.update(model_fields(model.cfg))
   copied = quant.copy_tokenizer(tokenizer_path, out_dir)
   saved.data.tokenizer_path = str(out_dir / copied) if copied else ''
   saved.init_from = ''

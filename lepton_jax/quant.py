@@ -29,7 +29,7 @@ import numpy as np
 
 from lepton_jax import checkpoint, config_lib, sharding, tree
 from lepton_jax.model import Transformer
-from lepton_jax.model.config import ARCHITECTURE_FIELDS, QuantConfig
+from lepton_jax.model.config import ARCHITECTURE_FIELDS, QuantConfig, model_fields
 
 WEIGHT_FIELDS = ('weights', 'granularity', 'group_size', 'embed', 'head', 'exclude')
 TOKENIZER_DIR = 'tokenizer'  # Inside an int8 checkpoint: the tokenizer's files.
@@ -158,8 +158,7 @@ def save(out: str, config: ml_collections.ConfigDict, model: Transformer, variab
   if out_dir.exists() and any(out_dir.iterdir()):
     raise FileExistsError(f'{out} is not empty: give a new directory for the int8 checkpoint')
   saved = ml_collections.ConfigDict(config.to_dict())
-  saved.model.update({k: v for k, v in dataclasses.asdict(model.cfg).items()
-                      if k not in ('lora', 'quant', 'prune')})
+  saved.model.update(model_fields(model.cfg))
   saved.quant.update(dataclasses.asdict(model.cfg.quant))
   saved.data.tokenizer_path = copy_tokenizer(tokenizer_path, out_dir)
   saved.init_from = ''

@@ -271,6 +271,15 @@ class PruneConfig:
                        'positive')
 
 
+# ModelConfig fields that a config keeps in groups of their own (config.lora, config.quant, ...).
+GROUP_FIELDS = ('lora', 'quant', 'prune', 'peft')
+
+
+def model_fields(cfg: 'ModelConfig') -> dict:
+  """The fields of `cfg` that config.model holds: what a saved config.json writes there."""
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in GROUP_FIELDS}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Plain values for the model; `from_config` reads them from `config.model`."""
