@@ -62,6 +62,16 @@ def tiny_config(tmp_path: pathlib.Path | None = None, **overrides):
   return override(config, **overrides)
 
 
+def train_preempted_and_resumed(config, workdir, monkeypatch, at_step: int) -> None:
+  """Trains `config` in `workdir`, preempted (SIGTERM's path) after step `at_step`, then
+  restarted to the end: what an exact-resume test compares with an uninterrupted run."""
+  from lepton_jax import train  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(train.PreemptionWatch, 'reached', lambda self, step: step == at_step)
+  train.train_and_evaluate(config, str(workdir))
+  monkeypatch.undo()
+  train.train_and_evaluate(config, str(workdir))
+
+
 def override(config, **dotted):
   """`config` with dotted keys set (`**{'model.num_layers': 3}`)."""
   for key, value in dotted.items():

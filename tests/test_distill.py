@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from lepton_jax import checkpoint, objectives, train
-from tests.conftest import read_metrics, save_tiny_hf_llama, tiny_config
+from tests.conftest import (read_metrics, save_tiny_hf_llama, tiny_config,
+                            train_preempted_and_resumed)
 
 
 def log_softmax(x):
@@ -75,10 +76,7 @@ def test_a_smaller_student_learns_from_the_teacher_and_resumes_exactly(teacher, 
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
   losses = [r['train/kl'] for r in read_metrics(tmp_path / 'straight') if 'train/kl' in r]
   assert losses[-1] < losses[0]
-  monkeypatch.setattr(train.PreemptionWatch, 'reached', lambda self, step: step == 2)
-  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  monkeypatch.undo()
-  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  train_preempted_and_resumed(config, tmp_path / 'resumed', monkeypatch, 2)
   assert ([r['train/loss'] for r in read_metrics(tmp_path / 'straight')] ==
           [r['train/loss'] for r in read_metrics(tmp_path / 'resumed')])
   assert not (tmp_path / 'straight' / 'frozen').exists()  # The teacher is not copied.

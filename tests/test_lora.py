@@ -12,7 +12,8 @@ from lepton_jax import config_lib, data, evaluate, experiment, generate, lora, s
 from lepton_jax import steps, train, train_state, tree
 from lepton_jax.model import ModelConfig, Transformer, layers
 from lepton_jax.model.config import LoraConfig
-from tests.conftest import finetune_config, read_metrics, save_tiny_hf_llama, tiny_config
+from tests.conftest import (finetune_config, read_metrics, save_tiny_hf_llama, tiny_config,
+                            train_preempted_and_resumed)
 
 TOKENS = np.random.default_rng(0).integers(0, 64, (2, 12))
 
@@ -166,10 +167,7 @@ def test_lora_plus_scales_the_learning_rate_of_b(tmp_path):
 def test_a_lora_run_resumes_exactly(tmp_path, monkeypatch):
   config = tiny_config(tmp_path, total_steps=6, **LORA, **{'lora.dropout': 0.1})
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
-  monkeypatch.setattr(train.PreemptionWatch, 'reached', lambda self, step: step == 3)
-  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  monkeypatch.undo()
-  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  train_preempted_and_resumed(config, tmp_path / 'resumed', monkeypatch, 3)
   assert ([r['train/loss'] for r in read_metrics(tmp_path / 'straight')] ==
           [r['train/loss'] for r in read_metrics(tmp_path / 'resumed')])
 

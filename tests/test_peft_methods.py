@@ -13,7 +13,7 @@ import pytest
 from lepton_jax import adalora, adapters, config_lib, generate, lora, sample, train, tree
 from lepton_jax.model import ModelConfig, Transformer, prompt
 from lepton_jax.model.config import LoraConfig, PeftConfig
-from tests.conftest import read_metrics, tiny_config
+from tests.conftest import read_metrics, tiny_config, train_preempted_and_resumed
 
 TOKENS = np.random.default_rng(0).integers(0, 64, (2, 12))
 
@@ -190,10 +190,7 @@ def test_a_run_trains_only_its_adapters_and_resumes_exactly(tmp_path, method, mo
   config = method_config(tmp_path, method)
   straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
   train.train_and_evaluate(config, str(straight))
-  monkeypatch.setattr(train.PreemptionWatch, 'reached', lambda self, step: step == 2)
-  train.train_and_evaluate(config, str(resumed))
-  monkeypatch.undo()
-  train.train_and_evaluate(config, str(resumed))
+  train_preempted_and_resumed(config, resumed, monkeypatch, 2)
   losses = lambda workdir: [r['train/loss'] for r in read_metrics(workdir)]
   assert losses(straight) == losses(resumed)
 

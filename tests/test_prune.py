@@ -17,7 +17,7 @@ from lepton_jax import checkpoint, config_lib, experiment, prune, sample, shardi
 from lepton_jax import train_state, tree
 from lepton_jax.model import ModelConfig, Transformer
 from lepton_jax.model.config import PruneConfig
-from tests.conftest import override, read_metrics, tiny_config
+from tests.conftest import override, read_metrics, tiny_config, train_preempted_and_resumed
 
 REPO = pathlib.Path(__file__).parent.parent
 
@@ -141,10 +141,7 @@ def test_pruned_weights_and_their_moments_stay_zero_and_a_resumed_run_keeps_its_
       assert np.all(value[~mask] == 0), name
       assert np.count_nonzero(value[mask]) == mask.sum(), name  # The kept ones still train.
   # Interrupted at step 3 (between two mask updates) and resumed: the same run.
-  monkeypatch.setattr(train.PreemptionWatch, 'reached', lambda self, step: step == 3)
-  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  monkeypatch.undo()
-  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  train_preempted_and_resumed(config, tmp_path / 'resumed', monkeypatch, 3)
   assert ([r['train/loss'] for r in read_metrics(tmp_path / 'straight')] ==
           [r['train/loss'] for r in read_metrics(tmp_path / 'resumed')])
   resumed = restored_state(config, tmp_path / 'resumed', 10)

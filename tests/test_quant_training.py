@@ -12,7 +12,7 @@ import pytest
 from lepton_jax import checkpoint, config_lib, objectives, quant, sample, train, tree
 from lepton_jax.model import ModelConfig, Transformer, int8
 from lepton_jax.model.config import QuantConfig
-from tests.conftest import override, read_metrics, tiny_config
+from tests.conftest import override, read_metrics, tiny_config, train_preempted_and_resumed
 
 SCHEMES = {
     'w8_channel': QuantConfig(weights='int8'),
@@ -162,10 +162,7 @@ def test_qlora_trains_adapters_over_the_int8_base_it_loads(tmp_path, base_run):
 def test_a_qlora_run_resumes_exactly(tmp_path, base_run, monkeypatch):
   config = qlora_config(tmp_path, base_run)
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
-  monkeypatch.setattr(train.PreemptionWatch, 'reached', lambda self, step: step == 3)
-  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  monkeypatch.undo()
-  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  train_preempted_and_resumed(config, tmp_path / 'resumed', monkeypatch, 3)
   assert ([r['train/loss'] for r in read_metrics(tmp_path / 'straight')] ==
           [r['train/loss'] for r in read_metrics(tmp_path / 'resumed')])
 
