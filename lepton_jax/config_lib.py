@@ -5,7 +5,9 @@ what it varies. Code reads the config at the top (train.py, model constructors) 
 values down.
 """
 import importlib.util
+import json
 
+from etils import epath
 import ml_collections
 
 from lepton_jax import adapters, data, generate, objectives, optim
@@ -42,6 +44,12 @@ RULE_SETS = {'fsdp': FSDP_RULES + UNSPLIT, 'tensor': TENSOR_RULES + UNSPLIT,
 DEFAULT_RULES = RULE_SETS['fsdp_tensor']
 # Written into every workdir by lepton-train (and into int8 checkpoints): the resolved config.
 RUN_CONFIG = 'config.json'
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """WORKDIR/config.json (a run's, an int8 or a pruned checkpoint's), or None where there is none."""
+  file = epath.Path(workdir) / RUN_CONFIG
+  return ml_collections.ConfigDict(json.loads(file.read_text())) if file.exists() else None
 
 
 def model_config() -> ml_collections.ConfigDict:

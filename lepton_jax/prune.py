@@ -24,7 +24,6 @@ scripts/prune.py writes a pruned checkpoint, laid out like a run's workdir (conf
 model and tokenizer from there (`resolve`), and `init_from=workdir:DIR` fine-tunes it.
 """
 import dataclasses
-import json
 
 from etils import epath
 import jax
@@ -327,11 +326,8 @@ def nonzero_count(params: dict) -> int:
 
 def read_pruned_config(workdir: str) -> ml_collections.ConfigDict | None:
   """DIR/config.json of a pruned checkpoint (scripts/prune.py), or None where it is not one."""
-  file = epath.Path(workdir) / config_lib.RUN_CONFIG
-  if not file.exists():
-    return None
-  saved = json.loads(file.read_text())
-  return ml_collections.ConfigDict(saved) if 'pruned_from' in saved else None
+  saved = config_lib.read_run_config(workdir)
+  return saved if saved is not None and 'pruned_from' in saved else None
 
 
 def resolve(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:

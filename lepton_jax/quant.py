@@ -17,7 +17,6 @@ variables) and the tokenizer's files, so `scripts/sample.py`, `lepton-eval` and 
 it with `--workdir=DIR`, taking its model, tokenizer and weight fields from DIR/config.json.
 """
 import dataclasses
-import json
 import shutil
 
 from etils import epath
@@ -88,20 +87,15 @@ def float_bytes(variables: dict, dtype) -> int:
 
 def read_quantized_config(workdir: str) -> ml_collections.ConfigDict | None:
   """DIR/config.json of an int8 checkpoint, or None where `workdir` is not one."""
-  file = epath.Path(workdir) / config_lib.RUN_CONFIG
-  if not file.exists():
-    return None
-  saved = json.loads(file.read_text())
-  return ml_collections.ConfigDict(saved) if 'quantized_from' in saved else None
+  saved = config_lib.read_run_config(workdir)
+  return saved if saved is not None and 'quantized_from' in saved else None
 
 
 def stored_weight_fields(workdir: str) -> dict:
   """The int8 weight fields of what `workdir`'s checkpoints hold: an int8 checkpoint's, or those
   of the int8 base a QLoRA run trained over; {} where they hold float weights."""
-  file = epath.Path(workdir) / config_lib.RUN_CONFIG
-  if not file.exists():
-    return {}
-  saved = json.loads(file.read_text()).get('quant', {})
+  run_config = config_lib.read_run_config(workdir)
+  saved = run_config.get('quant', {}) if run_config is not None else {}
   if saved.get('weights', 'none') == 'none' or saved.get('qat', False):
     return {}
   return {field: tuple(saved[field]) if isinstance(saved[field], list) else saved[field]

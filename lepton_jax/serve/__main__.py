@@ -13,13 +13,11 @@ The model loads as lepton-eval loads it (safetensors or orbax, never pickle); --
 splits it over that many devices. See docs/serving.md.
 """
 import dataclasses
-import json
 import os
 
 from absl import app, flags
 from etils import epath
 import jax
-import ml_collections
 
 from lepton_jax import cli, config_lib, evaluate, lora, sample, sharding
 from lepton_jax.model import Transformer
@@ -63,12 +61,12 @@ def load_adapters(specs: list[str], model: Transformer, hf_dir: str | None):
       from lepton_jax import hf  # pylint: disable=g-import-not-at-top  (the hf extra)
       adapted, variables = hf.load(hf_dir, adapter=path)
     else:
-      run_config = epath.Path(path) / config_lib.RUN_CONFIG
-      if not run_config.exists():
+      run_config = config_lib.read_run_config(path)
+      if run_config is None:
         raise FileNotFoundError(f'--adapter={spec}: {path} is neither a PEFT adapter directory '
-                                f'(adapter_config.json) nor a lepton run ({run_config})')
-      adapted, variables, _ = sample.load(
-          ml_collections.ConfigDict(json.loads(run_config.read_text())), path)
+                                f'(adapter_config.json) nor a lepton run (no '
+                                f'{config_lib.RUN_CONFIG})')
+      adapted, variables, _ = sample.load(run_config, path)
     architecture = lambda cfg: {field: getattr(cfg, field) for field in ARCHITECTURE_FIELDS}
     if architecture(adapted.cfg) != architecture(model.cfg):
       raise ValueError(f'--adapter={spec}: its base model is not the one served')
