@@ -360,3 +360,16 @@ def test_adapters_are_models_of_their_names_and_mix_in_one_batch(lepton_run):
       assert completion.choices[0].text == tokenizer.decode(expected), name
     with pytest.raises(openai.NotFoundError, match="serves \\['tiny', 'alpha', 'beta'\\]"):
       client(url).completions.create(model='gamma', prompt='x', max_tokens=1)
+
+
+def test_bad_adapter_flags_are_one_line_errors(lepton_run, tmp_path):
+  from lepton_jax.serve import __main__ as serve_main  # pylint: disable=g-import-not-at-top
+  model = lepton_run[0]
+  with pytest.raises(ValueError, match=r"--adapter='sql': expected NAME=PATH"):
+    serve_main.load_adapters(['sql'], model, None)
+  with pytest.raises(FileNotFoundError, match=r'is neither a PEFT adapter directory'):
+    serve_main.load_adapters([f'sql={tmp_path}'], model, None)
+  (tmp_path / 'adapter_config.json').write_text('{}')
+  with pytest.raises(ValueError, match=r'a PEFT adapter needs its base model as --hf_dir'):
+    serve_main.load_adapters([f'sql={tmp_path}'], model, None)
+  assert serve_main.load_adapters([], model, None) == (model, {})
