@@ -22,6 +22,7 @@ LORA_NOTEBOOK = REPO / 'notebooks' / 'lora_finetune.ipynb'
 ABLATIONS_NOTEBOOK = REPO / 'notebooks' / 'ablations.ipynb'
 INT8_NOTEBOOK = REPO / 'notebooks' / 'int8_inference.ipynb'
 INTERPRET_NOTEBOOK = REPO / 'notebooks' / 'interpret.ipynb'
+COMPRESSION_NOTEBOOK = REPO / 'notebooks' / 'compression.ipynb'
 
 OVERRIDES = """\
 config.total_steps = 30
@@ -59,7 +60,7 @@ def _kernel_env(tmp_path):
 
 
 @pytest.mark.parametrize('path', [NOTEBOOK, HF_NOTEBOOK, LORA_NOTEBOOK, ABLATIONS_NOTEBOOK,
-                                  INT8_NOTEBOOK, INTERPRET_NOTEBOOK],
+                                  INT8_NOTEBOOK, INTERPRET_NOTEBOOK, COMPRESSION_NOTEBOOK],
                          ids=lambda path: path.stem)
 def test_notebook_is_stored_without_outputs(path):
   nb = nbformat.read(path, as_version=4)
@@ -213,3 +214,33 @@ def test_interpret_runs(tmp_path):
   # Two attention maps, induction scores, the logit lens, two patching maps, attribution.
   assert images == 7
   assert any('text/html' in out.get('data', {}) for cell in code for out in cell.outputs)
+
+
+def test_compression_runs(tmp_path):
+  nb = nbformat.read(COMPRESSION_NOTEBOOK, as_version=4)
+  (params,) = _cells_with_tag(nb, 'parameters')
+  # The LoRA notebook's small model on two packages of the corpus: SentencePiece trains on them
+  # and tokenizes them in a second, the whole library would take most of the test.
+  overrides = LORA_OVERRIDES.replace(
+      'BASE_STEPS = 30\nLORA_STEPS = 30', 'TRAIN_STEPS = 30\nFINETUNE_STEPS = 4\nSTUDENT_STEPS = 10'
+  ).replace('  return config', "  config.data.include = ('email/*', 'xml/*')\n  return config")
+  nb.cells.insert(params + 1, nbformat.v4.new_code_cell(
+      overrides, metadata={'tags': ['injected-parameters']}))
+
+  nbclient.NotebookClient(nb, kernel_name='python3', timeout=600,
+                          resources={'metadata': {'path': str(REPO)}}).execute(
+                              env=_kernel_env(tmp_path))
+
+  code = [cell for cell in nb.cells if cell.cell_type == 'code']
+  printed = '\n'.join(out.get('text', '') for cell in code for out in cell.outputs
+                      if out.output_type == 'stream')
+  assert 'pruned weights checked' in printed  # The notebook asserts the zeros and the shapes.
+  assert '50% of FFN channels: d_ff 128 -> 64' in printed
+  assert 'fine-tuning kept the 2:4 zeros: True; changed the kept weights: True' in printed
+  assert 'half-depth student eval loss: from scratch' in printed
+  tables = [out['data']['text/markdown'] for cell in code for out in cell.outputs
+            if 'text/markdown' in out.get('data', {})]
+  assert len(tables) == 3 and all(t.startswith('| model | parameters | non-zero |') for t in tables)
+  assert len(tables[-1].splitlines()) == 2 + 7  # Header, rule and a row for each of the 7 models.
+  (plot_cell,) = [cell for cell in code if 'plt.show()' in cell.source]
+  assert any('image/png' in out.get('data', {}) for out in plot_cell.outputs)
