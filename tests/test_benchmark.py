@@ -11,7 +11,9 @@ TINY = ['--config=configs/stdlib_tiny.py', '--config.model.vocab_size=272',
         '--config.model.num_layers=1', '--config.batch_size=4', '--config.seq_len=16']
 
 
-@pytest.mark.parametrize('part', ['step', 'fwd_bwd', 'fwd'])
+# 'step' runs the forward and backward passes the other parts time alone.
+@pytest.mark.parametrize('part', ['step', pytest.param('fwd_bwd', marks=pytest.mark.slow),
+                                  pytest.param('fwd', marks=pytest.mark.slow)])
 def test_benchmark_reports_each_part_on_two_devices(part):
   result = subprocess.run(
       [sys.executable, 'scripts/benchmark_train.py', *TINY, '--cpu_devices=2', '--steps=2',

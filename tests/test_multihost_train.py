@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import portpicker
+import pytest
 
 from tests.conftest import TEXT
 
@@ -89,6 +90,8 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
       open(tmp_path / 'single' / 'metrics.jsonl').readline())
 
 
+# Two minutes on 2 cores; the default suite keeps the two-process run and one-process resumes.
+@pytest.mark.slow
 def test_two_processes_resume_their_own_streams_exactly(tmp_path):
   """Streaming gives each process different documents, so each must resume its own position."""
   corpus = tmp_path / 'docs'

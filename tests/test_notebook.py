@@ -99,6 +99,7 @@ def test_quickstart_runs(tmp_path):
   assert result['final'] < result['first']
 
 
+@pytest.mark.slow  # A minute or more; tests/test_hf_finetune.py runs the same flow.
 def test_hf_finetune_runs(tmp_path):
   pytest.importorskip('transformers')
   nb = nbformat.read(HF_NOTEBOOK, as_version=4)
@@ -116,6 +117,7 @@ def test_hf_finetune_runs(tmp_path):
   assert 'changed by fine-tuning' in printed and "'model.safetensors'" in printed
 
 
+@pytest.mark.slow  # A minute or more; tests/test_ablate.py runs the same runner.
 def test_ablations_runs(tmp_path):
   corpus = tmp_path / 'corpus.txt'
   corpus.write_text(TEXT)
@@ -176,6 +178,7 @@ def test_lora_finetune_runs(tmp_path):
   assert 'max |merged - adapted| logits' in printed
 
 
+@pytest.mark.slow  # 120 steps of training; tests/test_quant.py checks the same losses.
 def test_int8_inference_runs(tmp_path):
   nb = nbformat.read(INT8_NOTEBOOK, as_version=4)
   (params,) = _cells_with_tag(nb, 'parameters')
@@ -194,6 +197,7 @@ def test_int8_inference_runs(tmp_path):
   assert 'reloaded exactly: True' in printed and 'KV cache per token and layer' in printed
 
 
+@pytest.mark.slow  # A minute or more; tests/test_interpret.py checks the same functions.
 def test_interpret_runs(tmp_path):
   nb = nbformat.read(INTERPRET_NOTEBOOK, as_version=4)
   (params,) = _cells_with_tag(nb, 'parameters')
