@@ -109,6 +109,9 @@ def _source_variables(source: Source, float_model: Transformer, wanted: dict, me
     head = hf.architecture(source.path).get('head', 'lm')
     source_model = Transformer(dataclasses.replace(float_model.cfg, head=head))
     return tree.select(hf.load_variables(source.path, source_model, mesh, rules), wanted)
+  if float_model.cfg.head == 'classify' and _read_run_config(source.path).model.head != 'classify':
+    # A classify head over a language-model run starts new, as over an HF causal LM.
+    wanted = dict(wanted, params={k: v for k, v in wanted['params'].items() if k != 'score'})
   checkpointer = checkpoint.Checkpointer(source.path, read_only=True)
   try:
     step = source.step if source.step is not None else checkpointer.latest_step()

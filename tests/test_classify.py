@@ -174,3 +174,22 @@ def test_configs_classify_hf_trains_a_head_on_a_hugging_face_llama_that_exports_
   with torch.no_grad():
     expected = reloaded(torch.tensor(tokens)).logits.numpy()
   np.testing.assert_allclose(model.apply(variables, jnp.asarray(tokens)), expected, atol=1e-4)
+
+
+def test_a_classify_run_starts_from_a_language_model_run_with_a_new_head(tmp_path):
+  from lepton_jax import sample  # pylint: disable=g-import-not-at-top
+  short = {'total_steps': 2, 'checkpoint_every_steps': 2, 'eval_every_steps': 2,
+           'eval_batches': 1}
+  lm = tiny_config(tmp_path, **short)
+  train.train_and_evaluate(lm, str(tmp_path / 'lm'))
+  config = classify_config(tmp_path, **short, seq_len=32, init_from=f'workdir:{tmp_path}/lm',
+                           trainable=('score/.*',), **{'model.max_seq_len': 32})
+  train.train_and_evaluate(config, str(tmp_path / 'classify'))
+  _, lm_variables, _ = sample.load(lm, str(tmp_path / 'lm'))
+  _, variables, _ = sample.load(config, str(tmp_path / 'classify'))
+  source = dict(zip(tree.names(lm_variables['params']), jax.tree.leaves(lm_variables['params'])))
+  names = tree.names(variables['params'])
+  assert 'score/kernel' in names and 'score/kernel' not in source
+  for name, value in zip(names, jax.tree.leaves(variables['params'])):
+    if name != 'score/kernel':  # The frozen base is the language model's.
+      np.testing.assert_array_equal(value, source[name], err_msg=name)
