@@ -19,12 +19,15 @@ CONFIG_NAMES = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / 'c
 CONFIG_ARGS = {'finetune_hf': '/path/to/hf_dir', 'lora_hf': '/path/to/hf_dir',
                'sft_hf': '/path/to/hf_dir', 'classify_hf': '/path/to/hf_dir',
                'dpo_hf': '/path/to/hf_dir',
-               'lora_stdlib': '/path/to/workdir', 'lora_adapt': '/path/to/workdir'}
+               'lora_stdlib': '/path/to/workdir', 'lora_adapt': '/path/to/workdir',
+               'classify_stdlib': '/path/to/workdir,TASK_DIR'}
 
 
 @pytest.mark.parametrize('name', CONFIG_NAMES)
-def test_config_validates(name):
-  config_lib.validate(importlib.import_module(f'configs.{name}').get_config(CONFIG_ARGS.get(name)))
+def test_config_validates(name, tmp_path):
+  (tmp_path / 'labels.json').write_text('["email", "json"]')  # What stdlib_functions.py writes.
+  arg = CONFIG_ARGS.get(name, '').replace('TASK_DIR', str(tmp_path)) or None
+  config_lib.validate(importlib.import_module(f'configs.{name}').get_config(arg))
 
 
 @pytest.mark.parametrize('name', sorted(CONFIG_ARGS))
