@@ -12,9 +12,7 @@ Teacher and student must share one tokenizer (logits are compared token by token
 vocabularies are compared by size and by the ids they give a probe text.
 """
 import dataclasses
-import json
 
-from etils import epath
 import jax
 import ml_collections
 
@@ -68,8 +66,7 @@ def teacher_model(config: ml_collections.ConfigDict, student: ModelConfig) -> Tr
   where = source(config)
   fields, _ = pretrained.source_model_and_tokenizer(where)
   if where.kind == 'workdir':
-    saved = json.loads((epath.Path(where.path) / config_lib.RUN_CONFIG).read_text())
-    fields = dict(fields, scan_layers=saved['model']['scan_layers'])
+    fields = dict(fields, scan_layers=config_lib.read_run_config(where.path).model.scan_layers)
   dtype = config.distill.teacher_dtype
   quant_config = QuantConfig(weights=config.distill.teacher_quant)
   return Transformer(dataclasses.replace(

@@ -9,7 +9,6 @@ both. How the model runs (attention implementation, scan, remat, dtypes) stays t
 run started this way checkpoints and resumes like any other: on resume its own checkpoint wins.
 """
 import dataclasses
-import json
 
 from etils import epath
 import jax
@@ -40,11 +39,12 @@ def parse(init_from: str) -> Source:
 
 
 def _read_run_config(path: str) -> ml_collections.ConfigDict:
-  file = epath.Path(path) / config_lib.RUN_CONFIG
-  if not file.exists():
-    raise FileNotFoundError(f'{file} does not exist: config.init_from=workdir:{path} needs a run '
-                            'trained by lepton-train (which writes it)')
-  return ml_collections.ConfigDict(json.loads(file.read_text()))
+  run_config = config_lib.read_run_config(path)
+  if run_config is None:
+    raise FileNotFoundError(f'{epath.Path(path) / config_lib.RUN_CONFIG} does not exist: '
+                            f'config.init_from=workdir:{path} needs a run trained by lepton-train '
+                            '(which writes it)')
+  return run_config
 
 
 def source_model_and_tokenizer(source: Source) -> tuple[dict, dict]:

@@ -102,10 +102,9 @@ def read_metrics(run_dir: epath.Path) -> dict:
 def param_count(run_dir: epath.Path) -> int | None:
   """Parameters of the run's model, from the config.json lepton-train resolved (None if the run
   never started)."""
-  path = run_dir / config_lib.RUN_CONFIG
-  if not path.exists():
+  run_config = config_lib.read_run_config(run_dir)
+  if run_config is None:
     return None
-  run_config = ml_collections.ConfigDict(json.loads(path.read_text()))
   model = Transformer(ModelConfig.from_config(run_config.model, run_config.get('lora'),
                                               peft_config=run_config.get('peft')))
   abstract = sharding.unbox_abstract(train_state.boxed_variables(model, run_config.seq_len))
