@@ -11,9 +11,7 @@ The test split is other files, so it is evaluated apart, on the trained run:
 
   lepton-eval --config=configs/classify_stdlib.py:/tmp/stdlib_tiny,/tmp/stdlib_functions \
       --workdir=/tmp/cls_full --config.data.path=/tmp/stdlib_functions/test.jsonl \
-      --config.data.val_fraction=1.0 --nocost [the same trainable / lora overrides]
-
-(--nocost: lepton-eval's cost measurement does not yet handle a classify model.)
+      --config.data.val_fraction=1.0 [the same trainable / lora overrides]
 
 The whole model trains by default; the head alone with trainable=('score/.*',); LoRA adapters
 on q and v with the head with lora.targets (docs/finetune.md has the measured table).

@@ -21,7 +21,7 @@ from etils import epath
 import jax
 import ml_collections
 
-from lepton_jax import cli, config_lib, evals, lora, quant, sample, sharding
+from lepton_jax import cli, config_lib, data, evals, lora, objectives, quant, sample, sharding
 from lepton_jax.evals import cost
 from lepton_jax.evals import objective as objective_eval
 from lepton_jax.model.config import QuantConfig
@@ -85,9 +85,12 @@ def evaluate(config: ml_collections.ConfigDict, model, variables, tokenizer,
       confusion.append(evaluators[0].evaluate.confusion.tolist())
     if measure_cost:
       weights = {name: variables[name] for name in ('params', 'quant') if name in variables}
+      # The step the run evaluates with, on the split's first batch: a classify or dpo model
+      # reads labels or preference pairs, not a token window.
+      first_batch = data.make_eval_batches(config, tokenizer, 0, 1)[0]
       measured = {**cost.param_counts(weights),  # int8 weights and their scales included.
-                  **cost.forward_cost(model, variables, mesh, rules, config.batch_size,
-                                      config.seq_len)}
+                  **cost.forward_cost(model, variables, mesh, rules, first_batch,
+                                      objectives.from_config(config, model))}
       metrics.update({f'cost/{key}': value for key, value in measured.items()})
   return metrics
 

@@ -177,7 +177,7 @@ def test_configs_classify_hf_trains_a_head_on_a_hugging_face_llama_that_exports_
 
 
 def test_a_classify_run_starts_from_a_language_model_run_with_a_new_head(tmp_path):
-  from lepton_jax import sample  # pylint: disable=g-import-not-at-top
+  from lepton_jax import evaluate, sample  # pylint: disable=g-import-not-at-top
   short = {'total_steps': 2, 'checkpoint_every_steps': 2, 'eval_every_steps': 2,
            'eval_batches': 1}
   lm = tiny_config(tmp_path, **short)
@@ -186,7 +186,11 @@ def test_a_classify_run_starts_from_a_language_model_run_with_a_new_head(tmp_pat
                            trainable=('score/.*',), **{'model.max_seq_len': 32})
   train.train_and_evaluate(config, str(tmp_path / 'classify'))
   _, lm_variables, _ = sample.load(lm, str(tmp_path / 'lm'))
-  _, variables, _ = sample.load(config, str(tmp_path / 'classify'))
+  model, variables, tokenizer = sample.load(config, str(tmp_path / 'classify'))
+  # lepton-eval's cost times the classify eval step on a batch of labelled records.
+  metrics = evaluate.evaluate(config, model, variables, tokenizer)
+  assert metrics['cost/forward_tokens_per_sec'] > 0 and metrics['cost/eval_step_peak_bytes'] > 0
+  assert 'eval/macro_f1' in metrics
   source = dict(zip(tree.names(lm_variables['params']), jax.tree.leaves(lm_variables['params'])))
   names = tree.names(variables['params'])
   assert 'score/kernel' in names and 'score/kernel' not in source

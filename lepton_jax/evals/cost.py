@@ -8,7 +8,7 @@ import time
 import jax
 import numpy as np
 
-from lepton_jax import sharding, steps
+from lepton_jax import objectives, sharding, steps
 
 
 def param_counts(params) -> dict[str, int]:
@@ -22,17 +22,17 @@ def param_counts(params) -> dict[str, int]:
   return counts
 
 
-def forward_cost(model, variables, mesh: jax.sharding.Mesh, rules, batch_size: int, seq_len: int,
-                 repeats: int = 5) -> dict[str, float]:
-  """Tokens/s of the evaluation step (the forward pass and its loss sums) on random tokens, the
+def forward_cost(model, variables, mesh: jax.sharding.Mesh, rules, batch: dict[str, np.ndarray],
+                 objective: objectives.Objective, repeats: int = 5) -> dict[str, float]:
+  """Tokens/s of the objective's evaluation step (the forward pass and its loss sums) on `batch`
+  (a global eval batch, of whatever the objective reads: tokens, labels, preference pairs), the
   median of `repeats` timed calls after a compiling one, and what XLA says the compiled step
   holds at its peak: arguments, outputs and temporaries, less what outputs alias."""
-  tokens = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (batch_size, seq_len + 1),
-                                             dtype=np.int32)
   batch_sharding = sharding.batch_sharding(mesh, rules)
+  num_tokens = sum(x.size for key, x in batch.items() if key.endswith('inputs'))
   batch = {key: jax.make_array_from_callback(x.shape, batch_sharding, lambda i, x=x: x[i])
-           for key, x in (('inputs', tokens[:, :-1]), ('targets', tokens[:, 1:]))}
-  step = jax.jit(functools.partial(steps.eval_step, model=model),
+           for key, x in batch.items()}
+  step = jax.jit(functools.partial(steps.eval_step, model=model, objective=objective),
                  out_shardings=sharding.replicated(mesh))
   compiled = step.lower(variables, batch).compile()
   memory = compiled.memory_analysis()
@@ -42,7 +42,7 @@ def forward_cost(model, variables, mesh: jax.sharding.Mesh, rules, batch_size: i
     start = time.perf_counter()
     jax.block_until_ready(compiled(variables, batch))
     seconds.append(time.perf_counter() - start)
-  cost = {'forward_tokens_per_sec': batch_size * seq_len / statistics.median(seconds)}
+  cost = {'forward_tokens_per_sec': num_tokens / statistics.median(seconds)}
   if memory is not None:  # Backends without the analysis return None.
     cost['eval_step_peak_bytes'] = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
                                     memory.temp_size_in_bytes - memory.alias_size_in_bytes)
