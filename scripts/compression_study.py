@@ -178,8 +178,9 @@ def plot(rows: list[dict], path: epath.Path) -> None:
     ax.scatter([row['nonzero'] for row in chosen], [row['bits_per_byte'] for row in chosen],
                marker=marker, label=stage, s=60)
     for row in chosen:
-      ax.annotate(row['name'].split(',')[0], (row['nonzero'], row['bits_per_byte']),
-                  fontsize=7, xytext=(4, 3), textcoords='offset points')
+      label = row['name'].replace(', fine-tuned', '').replace(', int8 weights', '')
+      ax.annotate(label, (row['nonzero'], row['bits_per_byte']), fontsize=7, xytext=(4, 3),
+                  textcoords='offset points')
   ax.set_xlabel('non-zero weights')
   ax.set_ylabel('eval bits per byte')
   ax.legend(fontsize='small')
