@@ -59,6 +59,26 @@ def _kernel_env(tmp_path):
   return env
 
 
+
+def _run(path: pathlib.Path, tmp_path, overrides: str, last_cell: str | None = None) -> list:
+  """Executes the notebook in a fresh kernel with `overrides` in a cell right after its
+  `parameters` cell (and `last_cell` appended); returns its code cells, outputs filled in."""
+  nb = nbformat.read(path, as_version=4)
+  (params,) = _cells_with_tag(nb, 'parameters')
+  nb.cells.insert(params + 1, nbformat.v4.new_code_cell(
+      overrides, metadata={'tags': ['injected-parameters']}))
+  if last_cell:
+    nb.cells.append(nbformat.v4.new_code_cell(last_cell))
+  nbclient.NotebookClient(nb, kernel_name='python3', timeout=600,
+                          resources={'metadata': {'path': str(REPO)}}).execute(
+                              env=_kernel_env(tmp_path))
+  return [cell for cell in nb.cells if cell.cell_type == 'code']
+
+
+def _printed(code: list) -> str:
+  return '\n'.join(out.get('text', '') for cell in code for out in cell.outputs
+                   if out.output_type == 'stream')
+
 @pytest.mark.parametrize('path', [NOTEBOOK, HF_NOTEBOOK, LORA_NOTEBOOK, ABLATIONS_NOTEBOOK,
                                   INT8_NOTEBOOK, INTERPRET_NOTEBOOK, COMPRESSION_NOTEBOOK],
                          ids=lambda path: path.stem)
@@ -73,17 +93,7 @@ def test_notebook_is_stored_without_outputs(path):
 
 
 def test_quickstart_runs(tmp_path):
-  nb = nbformat.read(NOTEBOOK, as_version=4)
-  (params,) = _cells_with_tag(nb, 'parameters')
-  nb.cells.insert(params + 1, nbformat.v4.new_code_cell(
-      OVERRIDES, metadata={'tags': ['injected-parameters']}))
-  nb.cells.append(nbformat.v4.new_code_cell(CHECK))
-
-  nbclient.NotebookClient(nb, kernel_name='python3', timeout=300,
-                          resources={'metadata': {'path': str(REPO)}}).execute(
-                              env=_kernel_env(tmp_path))
-
-  code = [cell for cell in nb.cells if cell.cell_type == 'code']
+  code = _run(NOTEBOOK, tmp_path, OVERRIDES, last_cell=CHECK)
   (plot_cell,) = [cell for cell in code if 'plt.show()' in cell.source]
   assert any('image/png' in out.get('data', {}) for out in plot_cell.outputs)
 
@@ -94,7 +104,7 @@ def test_quickstart_runs(tmp_path):
   sampled = ''.join(out.get('text', '') for out in sample_cell.outputs)
   assert sampled.startswith('class ') and '\nimport ' in sampled  # Both prompts, continued.
 
-  result = json.loads(nb.cells[-1].outputs[0]['text'])
+  result = json.loads(code[-1].outputs[0]['text'])
   assert result['steps'] == [5, 10, 15, 20, 25, 30]
   assert result['final'] < result['first']
 
@@ -102,17 +112,7 @@ def test_quickstart_runs(tmp_path):
 @pytest.mark.slow  # A minute or more; tests/test_hf_finetune.py runs the same flow.
 def test_hf_finetune_runs(tmp_path):
   pytest.importorskip('transformers')
-  nb = nbformat.read(HF_NOTEBOOK, as_version=4)
-  (params,) = _cells_with_tag(nb, 'parameters')
-  nb.cells.insert(params + 1, nbformat.v4.new_code_cell(
-      'FINETUNE_STEPS = 20', metadata={'tags': ['injected-parameters']}))
-
-  nbclient.NotebookClient(nb, kernel_name='python3', timeout=300,
-                          resources={'metadata': {'path': str(REPO)}}).execute(
-                              env=_kernel_env(tmp_path))
-
-  printed = '\n'.join(out.get('text', '') for cell in nb.cells if cell.cell_type == 'code'
-                      for out in cell.outputs if out.output_type == 'stream')
+  printed = _printed(_run(HF_NOTEBOOK, tmp_path, 'FINETUNE_STEPS = 20'))
   assert 'max |lepton - transformers| logits' in printed  # The notebook asserts both bounds.
   assert 'changed by fine-tuning' in printed and "'model.safetensors'" in printed
 
@@ -121,22 +121,13 @@ def test_hf_finetune_runs(tmp_path):
 def test_ablations_runs(tmp_path):
   corpus = tmp_path / 'corpus.txt'
   corpus.write_text(TEXT)
-  nb = nbformat.read(ABLATIONS_NOTEBOOK, as_version=4)
-  (params,) = _cells_with_tag(nb, 'parameters')
   tiny = ['--config.data.source=text', f'--config.data.path={corpus}',
           '--config.data.tokenizer=bytes', '--config.total_steps=4', '--config.eval_every_steps=2',
           '--config.checkpoint_every_steps=4', '--config.eval_batches=1', '--config.batch_size=8',
           '--config.seq_len=32', '--config.model.max_seq_len=32', '--config.model.d_model=32',
           '--config.model.num_layers=1', '--config.model.num_heads=2',
           '--config.model.num_kv_heads=1', '--config.model.head_dim=16', '--config.model.d_ff=64']
-  nb.cells.insert(params + 1, nbformat.v4.new_code_cell(
-      f'SEEDS = 1\nOVERRIDES = {tiny!r}', metadata={'tags': ['injected-parameters']}))
-
-  nbclient.NotebookClient(nb, kernel_name='python3', timeout=600,
-                          resources={'metadata': {'path': str(REPO)}}).execute(
-                              env=_kernel_env(tmp_path))
-
-  code = [cell for cell in nb.cells if cell.cell_type == 'code']
+  code = _run(ABLATIONS_NOTEBOOK, tmp_path, f'SEEDS = 1\nOVERRIDES = {tiny!r}')
   (run_cell,) = [cell for cell in code if 'scripts/ablate.py' in cell.source]
   progress = ''.join(out.get('text', '') for out in run_cell.outputs).splitlines()
   assert len(progress) == 4 and all(': ok in' in line for line in progress)
@@ -163,55 +154,25 @@ _tiny.get_config = _small"""
 
 
 def test_lora_finetune_runs(tmp_path):
-  nb = nbformat.read(LORA_NOTEBOOK, as_version=4)
-  (params,) = _cells_with_tag(nb, 'parameters')
-  nb.cells.insert(params + 1, nbformat.v4.new_code_cell(
-      LORA_OVERRIDES, metadata={'tags': ['injected-parameters']}))
-
-  nbclient.NotebookClient(nb, kernel_name='python3', timeout=300,
-                          resources={'metadata': {'path': str(REPO)}}).execute(
-                              env=_kernel_env(tmp_path))
-
-  printed = '\n'.join(out.get('text', '') for cell in nb.cells if cell.cell_type == 'code'
-                      for out in cell.outputs if out.output_type == 'stream')
+  printed = _printed(_run(LORA_NOTEBOOK, tmp_path, LORA_OVERRIDES))
   assert 'held-out email/ + xml/ loss: base' in printed  # The notebook asserts LoRA < base.
   assert 'max |merged - adapted| logits' in printed
 
 
 @pytest.mark.slow  # 120 steps of training; tests/test_quant.py checks the same losses.
 def test_int8_inference_runs(tmp_path):
-  nb = nbformat.read(INT8_NOTEBOOK, as_version=4)
-  (params,) = _cells_with_tag(nb, 'parameters')
   # The LoRA notebook's small model; 120 steps so that quality differences mean something.
-  nb.cells.insert(params + 1, nbformat.v4.new_code_cell(
-      LORA_OVERRIDES.replace('BASE_STEPS = 30\nLORA_STEPS = 30', 'TRAIN_STEPS = 120'),
-      metadata={'tags': ['injected-parameters']}))
-
-  nbclient.NotebookClient(nb, kernel_name='python3', timeout=600,
-                          resources={'metadata': {'path': str(REPO)}}).execute(
-                              env=_kernel_env(tmp_path))
-
-  printed = '\n'.join(out.get('text', '') for cell in nb.cells if cell.cell_type == 'code'
-                      for out in cell.outputs if out.output_type == 'stream')
+  printed = _printed(_run(INT8_NOTEBOOK, tmp_path, LORA_OVERRIDES.replace(
+      'BASE_STEPS = 30\nLORA_STEPS = 30', 'TRAIN_STEPS = 120')))
   assert 'perplexity changes checked' in printed  # The notebook asserts the bounds.
   assert 'reloaded exactly: True' in printed and 'KV cache per token and layer' in printed
 
 
 @pytest.mark.slow  # A minute or more; tests/test_interpret.py checks the same functions.
 def test_interpret_runs(tmp_path):
-  nb = nbformat.read(INTERPRET_NOTEBOOK, as_version=4)
-  (params,) = _cells_with_tag(nb, 'parameters')
-  nb.cells.insert(params + 1, nbformat.v4.new_code_cell(
-      LORA_OVERRIDES.replace('BASE_STEPS = 30\nLORA_STEPS = 30', 'TRAIN_STEPS = 30'),
-      metadata={'tags': ['injected-parameters']}))
-
-  nbclient.NotebookClient(nb, kernel_name='python3', timeout=600,
-                          resources={'metadata': {'path': str(REPO)}}).execute(
-                              env=_kernel_env(tmp_path))
-
-  code = [cell for cell in nb.cells if cell.cell_type == 'code']
-  printed = '\n'.join(out.get('text', '') for cell in code for out in cell.outputs
-                      if out.output_type == 'stream')
+  code = _run(INTERPRET_NOTEBOOK, tmp_path, LORA_OVERRIDES.replace(
+      'BASE_STEPS = 30\nLORA_STEPS = 30', 'TRAIN_STEPS = 30'))
+  printed = _printed(code)
   assert 'patching checked' in printed and 'attributions sum to' in printed  # Asserted inside.
   assert 'strongest induction head' in printed and 'next-token loss' in printed
   images = sum('image/png' in out.get('data', {}) for cell in code for out in cell.outputs)
@@ -221,23 +182,13 @@ def test_interpret_runs(tmp_path):
 
 
 def test_compression_runs(tmp_path):
-  nb = nbformat.read(COMPRESSION_NOTEBOOK, as_version=4)
-  (params,) = _cells_with_tag(nb, 'parameters')
   # The LoRA notebook's small model on two packages of the corpus: SentencePiece trains on them
   # and tokenizes them in a second, the whole library would take most of the test.
   overrides = LORA_OVERRIDES.replace(
       'BASE_STEPS = 30\nLORA_STEPS = 30', 'TRAIN_STEPS = 30\nFINETUNE_STEPS = 4\nSTUDENT_STEPS = 10'
   ).replace('  return config', "  config.data.include = ('email/*', 'xml/*')\n  return config")
-  nb.cells.insert(params + 1, nbformat.v4.new_code_cell(
-      overrides, metadata={'tags': ['injected-parameters']}))
-
-  nbclient.NotebookClient(nb, kernel_name='python3', timeout=600,
-                          resources={'metadata': {'path': str(REPO)}}).execute(
-                              env=_kernel_env(tmp_path))
-
-  code = [cell for cell in nb.cells if cell.cell_type == 'code']
-  printed = '\n'.join(out.get('text', '') for cell in code for out in cell.outputs
-                      if out.output_type == 'stream')
+  code = _run(COMPRESSION_NOTEBOOK, tmp_path, overrides)
+  printed = _printed(code)
   assert 'pruned weights checked' in printed  # The notebook asserts the zeros and the shapes.
   assert '50% of FFN channels: d_ff 128 -> 64' in printed
   assert 'fine-tuning kept the 2:4 zeros: True; changed the kept weights: True' in printed
