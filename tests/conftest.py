@@ -135,6 +135,14 @@ def tiny_hf_config(name: str):
   }[name]()
 
 
+def save_tiny_hf_model(directory, name: str, seed: int = 0) -> None:
+  """TINY_HF_MODELS' `name`, random from `seed`, saved to `directory`. Needs the hf extra."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  transformers.AutoModelForCausalLM.from_config(tiny_hf_config(name)).save_pretrained(directory)
+
+
 def save_tiny_hf_models(root: pathlib.Path) -> dict[str, pathlib.Path]:
   """Every TINY_HF_MODELS model, random (seed 0) with non-trivial norm weights and biases, so that
   a mapping that drops one cannot pass, saved under `root`: name -> directory."""

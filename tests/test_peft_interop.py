@@ -6,23 +6,19 @@ import numpy as np
 import pytest
 
 from lepton_jax import adalora, generate, hf, lora
+from tests.conftest import HF_VOCAB, save_tiny_hf_model
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 peft = pytest.importorskip('peft')
 
-DECODER = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-               rope_parameters={'rope_type': 'default', 'rope_theta': 5000.0})
-TOKENS = np.random.default_rng(0).integers(0, 96, (2, 20))
+TOKENS = np.random.default_rng(0).integers(0, HF_VOCAB, (2, 20))
 
 
 @pytest.fixture(scope='module')
 def base_dir(tmp_path_factory):
-  torch.manual_seed(0)
   directory = tmp_path_factory.mktemp('base')
-  transformers.AutoModelForCausalLM.from_config(
-      transformers.LlamaConfig(**DECODER)).save_pretrained(directory)
+  save_tiny_hf_model(directory, 'llama')
   return directory
 
 
