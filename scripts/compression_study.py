@@ -137,7 +137,8 @@ class Study:
     self.score(tuned, 'fine-tuned', self.train(tuned, overrides), overrides)
 
   def students(self, steps: int) -> None:
-    tokenizer_path = sample.load(self.config, self.workdir)[2].path
+    # The run's own tokenizer, as its config.json resolved it (the teacher's, for distillation).
+    tokenizer_path = config_lib.read_run_config(self.workdir).data.tokenizer_path
     half = {'model.num_layers': self.config.model.num_layers // 2, 'total_steps': steps,
             'data.tokenizer_path': tokenizer_path, 'sample.num_tokens': 0}
     distilled = {**half, **DISTILL, 'distill.teacher': f'workdir:{self.workdir}'}
