@@ -223,21 +223,22 @@ def base_config() -> ml_collections.ConfigDict:
       qat=False,
   ))
 
-  # Pruning (lepton_jax/prune.py). magnitude and n:m keep a bool mask per Dense of `layers` (the
-  # `prune` collection, saved with every checkpoint), so pruned weights stay exactly zero while
-  # training: lepton-train prunes at begin_step (one_shot) or on Zhu & Gupta's cubic ramp
-  # (gradual), scripts/prune.py prunes a trained run once. heads and ffn remove whole attention
-  # heads or FFN channels, the same number in every layer: scripts/prune.py writes the smaller
-  # model (fewer num_heads, smaller d_ff), which trains and loads like any other.
+  # Pruning (lepton_jax/prune.py). Each method keeps bool masks (the `prune` collection, saved
+  # with every checkpoint), so pruned weights stay exactly zero while training: lepton-train
+  # prunes at begin_step (one_shot) or on Zhu & Gupta's cubic ramp (gradual), scripts/prune.py
+  # prunes a trained run once. magnitude and n:m mask the Dense layers of `layers`; heads and ffn
+  # remove whole attention heads or FFN channels, the same number in every layer: scripts/prune.py
+  # writes the smaller model (fewer num_heads, smaller d_ff), which trains and loads like any
+  # other, from a dense run or from one lepton-train pruned (its zeroed units go).
   config.prune = ml_collections.ConfigDict(dict(
       method='none',  # none | magnitude | n:m | heads | ffn
       scope='layer',  # magnitude: layer (each Dense to `sparsity`) | global (one threshold)
       sparsity=0.5,  # magnitude, heads, ffn: the fraction removed, in [0, 1).
       n=2,  # n:m: n of every m consecutive inputs of a Dense kept (2:4, as sparse tensor cores).
       m=4,
-      importance='norm',  # heads, ffn: norm (of the unit's weights) | taylor (|sum of w * dL/dw|^2)
+      importance='norm',  # heads, ffn: norm (of the unit's weights) | taylor (scripts/prune.py)
       importance_batches=4,  # taylor: training batches whose gradients it sums.
-      schedule='one_shot',  # one_shot | gradual (magnitude: sparsity ramps over the steps below)
+      schedule='one_shot',  # one_shot | gradual (not n:m: the sparsity ramps over the steps below)
       begin_step=0,  # one_shot: the step that prunes; gradual: the first mask update...
       end_step=0,  # ...and the last, which reaches `sparsity`,
       every_steps=100,  # every this many steps, from initial_sparsity:

@@ -17,13 +17,17 @@ describes the result: `heads` (query heads, the same number per kv group; with M
 value heads with them) and `ffn` (channels of the MLP), ranked by the L2 norm of a unit's weights
 or by the first-order Taylor estimate of the loss change, (sum of w * dL/dw over the unit)^2
 summed over batches (Molchanov et al. 2019). `prune` then returns the smaller model (fewer
-num_heads, num_kv_heads or d_ff) and its variables.
+num_heads, num_kv_heads or d_ff) and its variables. In training (one_shot or gradual, by norm)
+they mask the units' kernels (UNIT_KERNELS) instead, so the model keeps its shape and its pruned
+units contribute nothing; `prune` of the trained run (scripts/prune.py, the same config.prune) then
+drops exactly those units, whose kernels are zero, for the smaller model.
 
 scripts/prune.py writes a pruned checkpoint, laid out like a run's workdir (config.json with
 `pruned_from`, checkpoints/0, the tokenizer): readers (sample.load, lepton-eval, export) take its
 model and tokenizer from there (`resolve`), and `init_from=workdir:DIR` fine-tunes it.
 """
 import dataclasses
+import functools
 
 from etils import epath
 import jax
@@ -34,7 +38,8 @@ import optax
 
 from lepton_jax import checkpoint, config_lib, objectives, quant, sharding, steps, tree
 from lepton_jax.model import Transformer
-from lepton_jax.model.config import ARCHITECTURE_FIELDS, ModelConfig, PruneConfig, model_fields
+from lepton_jax.model.config import (ARCHITECTURE_FIELDS, FFN_WEIGHTS, HEAD_WEIGHTS, KV_WEIGHTS,
+                                     UNIT_KERNELS, ModelConfig, PruneConfig, model_fields)
 
 MASKS = 'prune'  # The variable collection (train_state.MASKS).
 
@@ -123,21 +128,22 @@ def check_masks(prune: PruneConfig, masks: dict, trainable: dict | None = None) 
 
 def check_training(prune: PruneConfig, masks: dict | None, trainable: dict) -> None:
   """What lepton-train can prune, given a model's masks and trainable params (abstract or real):
-  masked methods, on kernels that train."""
-  if prune.method in ('heads', 'ffn'):
-    raise ValueError(f'config.prune.method={prune.method!r} removes units, which changes the '
-                     "model's shape: run scripts/prune.py once, then fine-tune its output with "
-                     'config.init_from=workdir:OUT')
-  if prune.masked:
+  kernels that train, and units by their norm (Taylor scores need batches of their own)."""
+  if prune.structured and prune.importance == 'taylor':
+    raise ValueError("config.prune.importance='taylor': lepton-train ranks units by their norm; "
+                     'Taylor scores prune a trained run once, with scripts/prune.py')
+  if prune.method != 'none':
     check_masks(prune, masks or {}, trainable)
 
 
-def schedule_update(prune: PruneConfig, tx: optax.GradientTransformation):
-  """`update(state) -> state` for the train step: at the schedule's steps, new masks from the
-  kernels' magnitudes, and the pruned kernel weights and their optimizer moments zeroed."""
+def schedule_update(cfg: ModelConfig, tx: optax.GradientTransformation):
+  """`update(state) -> state` for the train step: at the schedule's steps, new masks (by weight
+  magnitude or unit norm), and the pruned kernel weights and their optimizer moments zeroed."""
+  prune = cfg.prune
+  new_masks = functools.partial(unit_masks, cfg) if prune.structured else masks_for
 
   def now(state):
-    masks = masks_for(prune, state.trainable, state.masks, sparsity_at(prune, state.step))
+    masks = new_masks(prune, state.trainable, state.masks, sparsity_at(prune, state.step))
     masked = {}
     for name, kernel, mask in zip(tree.names(masks), jax.tree.leaves(tree.select(
         state.trainable, masks)), jax.tree.leaves(masks)):
@@ -176,15 +182,6 @@ def _with_layers(cfg: ModelConfig, params: dict, layers: list[dict]) -> dict:
   return dict(params, **{f'layers_{i}': layer for i, layer in enumerate(layers)})
 
 
-# Per unit, the axes of each of its weights: (module path in a block, param, unit axis).
-# A head's query rows and output columns; its key and value with MHA, where heads are kv heads.
-HEAD_WEIGHTS = (('attn/query', 'kernel', 1), ('attn/query', 'bias', 0), ('attn/out', 'kernel', 0))
-KV_WEIGHTS = (('attn/key', 'kernel', 1), ('attn/key', 'bias', 0), ('attn/value', 'kernel', 1),
-              ('attn/value', 'bias', 0))
-FFN_WEIGHTS = (('mlp/up', 'kernel', 1), ('mlp/up', 'bias', 0), ('mlp/gate', 'kernel', 1),
-               ('mlp/gate', 'bias', 0), ('mlp/down', 'kernel', 0))
-
-
 def unit_weights(cfg: ModelConfig, method: str) -> tuple[tuple[str, str, int], ...]:
   if method == 'ffn':
     return FFN_WEIGHTS
@@ -219,24 +216,36 @@ def unit_sums(layer: dict, values: dict, weights) -> jax.Array:
   return total
 
 
-def importance(model: Transformer, params: dict, prune: PruneConfig,
+def _along(keep_U: jax.Array, ndim: int, axis: int) -> jax.Array:
+  """`keep_U` broadcastable against a weight of `ndim` axes whose unit axis is `axis`."""
+  return jnp.expand_dims(keep_U, [d for d in range(ndim) if d != axis])
+
+
+def importance(cfg: ModelConfig, params: dict, prune: PruneConfig,
                grads: list[dict] | None = None) -> jax.Array:
   """[layers, units] scores of config.prune.method's units: the L2 norm of a unit's weights, or
-  with `grads` (the loss's gradients on a few batches) the Taylor score sum_b (sum w * g_b)^2."""
-  cfg, weights = model.cfg, unit_weights(model.cfg, prune.method)
+  with `grads` (the loss's gradients on a few batches) the Taylor score sum_b (sum w * g_b)^2.
+  A unit whose kernels are all zero (pruned in training) scores -inf: it goes first."""
+  weights = unit_weights(cfg, prune.method)
   layers = _layers(cfg, params)
   if prune.importance == 'norm':
-    return jnp.stack([jnp.sqrt(unit_sums(layer, jax.tree.map(jnp.square, layer), weights))
-                      for layer in layers])
-  if not grads:
+    scores_LU = jnp.stack([jnp.sqrt(unit_sums(layer, jax.tree.map(jnp.square, layer), weights))
+                           for layer in layers])
+  elif not grads:
     raise ValueError("config.prune.importance='taylor' needs the loss's gradients")
-  per_batch = [[jnp.square(unit_sums(layer, jax.tree.map(jnp.multiply, layer, grad), weights))
-                for layer, grad in zip(layers, _layers(cfg, g))] for g in grads]
-  return jnp.sum(jnp.array(per_batch), axis=0)
+  else:
+    per_batch = [[jnp.square(unit_sums(layer, jax.tree.map(jnp.multiply, layer, grad), weights))
+                  for layer, grad in zip(layers, _layers(cfg, g))] for g in grads]
+    scores_LU = jnp.sum(jnp.array(per_batch), axis=0)
+  dead_LU = jnp.stack([unit_sums(layer, jax.tree.map(jnp.abs, layer), UNIT_KERNELS[prune.method])
+                       == 0 for layer in layers])
+  return jnp.where(dead_LU, -jnp.inf, scores_LU)
 
 
-def units_kept(cfg: ModelConfig, prune: PruneConfig, scores_LU: jax.Array) -> jax.Array:
-  """[layers, kept] sorted indices of the units each layer keeps, as many in every layer.
+def unit_keep(cfg: ModelConfig, prune: PruneConfig, scores_LU: jax.Array,
+              sparsity) -> jax.Array:
+  """[layers, units] True at the units each layer keeps at `sparsity` (traced or not): the
+  highest scores, as many in every layer and at least one.
 
   Query heads are kept as many per kv group (the model stays GQA with num_kv_heads groups); MHA
   heads (each its own kv group) and FFN channels are ranked across the layer.
@@ -244,10 +253,32 @@ def units_kept(cfg: ModelConfig, prune: PruneConfig, scores_LU: jax.Array) -> ja
   layers, units = scores_LU.shape
   groups = cfg.num_kv_heads if prune.method == 'heads' and cfg.num_kv_heads < cfg.num_heads else 1
   per_group = units // groups
-  keep = max(1, round((1.0 - prune.sparsity) * per_group))
+  keep = jnp.maximum(1, jnp.round((1.0 - sparsity) * per_group))
   grouped = scores_LU.reshape(layers, groups, per_group)
-  top = jnp.sort(jax.lax.top_k(grouped, keep)[1], axis=-1)
-  return (top + jnp.arange(groups)[:, None] * per_group).reshape(layers, groups * keep)
+  ranks = jnp.argsort(jnp.argsort(-grouped, axis=-1, stable=True), axis=-1)
+  return (ranks < keep).reshape(layers, units)
+
+
+def units_kept(cfg: ModelConfig, prune: PruneConfig, scores_LU: jax.Array) -> jax.Array:
+  """[layers, kept] sorted indices of the units each layer keeps at config.prune.sparsity."""
+  keep_LU = np.asarray(unit_keep(cfg, prune, scores_LU, prune.sparsity))
+  return jnp.asarray(np.stack([np.flatnonzero(keep_U) for keep_U in keep_LU]))
+
+
+def unit_masks(cfg: ModelConfig, prune: PruneConfig, params: dict, masks: dict,
+               sparsity) -> dict:
+  """New masks (a tree shaped like `masks`, over UNIT_KERNELS) keeping the units of highest norm
+  at `sparsity`: the masked model computes what `shrink`'s smaller one would."""
+  keep_LU = unit_keep(cfg, prune, importance(cfg, params, prune), sparsity)
+  layers = []
+  for layer, layer_masks, keep_U in zip(_layers(cfg, params), _layers(cfg, masks), keep_LU):
+    layer_masks = jax.tree.map(lambda x: x, layer_masks)  # New dicts, as in _take_units.
+    for path, axis in _weights_of(layer, UNIT_KERNELS[prune.method]):
+      kernel, parent = _get(layer, path), _get(layer_masks, path[:-1])
+      parent[path[-1]] = jnp.broadcast_to(_along(keep_U, kernel.ndim, axis),
+                                          kernel.shape).reshape(parent[path[-1]].shape)
+    layers.append(layer_masks)
+  return _with_layers(cfg, masks, layers)
 
 
 def _take_units(layer: dict, weights, kept_U: jax.Array) -> dict:
@@ -264,8 +295,7 @@ def _zero_units(layer: dict, weights, kept_U: jax.Array, units: int) -> dict:
   for path, axis in _weights_of(layer, weights):
     parent = _get(layer, path[:-1])
     w = parent[path[-1]]
-    parent[path[-1]] = jnp.where(jnp.expand_dims(keep, [d for d in range(w.ndim) if d != axis]),
-                                 w, 0)
+    parent[path[-1]] = jnp.where(_along(keep, w.ndim, axis), w, 0)
   return layer
 
 
@@ -309,12 +339,12 @@ def prune(model: Transformer, variables: dict, prune_config: PruneConfig,
   if cfg.lora.enabled or cfg.quant.weights != 'none' or MASKS in variables:
     raise ValueError('config.prune: prune a float model without adapters or masks (merge LoRA '
                      'adapters first, quantize after pruning)')
-  if prune_config.masked:
+  if not prune_config.structured:
     _, masks = masked_model(model, prune_config)
     check_masks(prune_config, masks)
     masks = masks_for(prune_config, variables['params'], masks, prune_config.sparsity)
     return model, dict(variables, params=apply_masks(variables['params'], masks))
-  scores = importance(model, variables['params'], prune_config, grads)
+  scores = importance(cfg, variables['params'], prune_config, grads)
   return shrink(model, variables, prune_config, units_kept(cfg, prune_config, scores))
 
 

@@ -155,7 +155,7 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule:
   step_fn = train_step
   if layout.state.masks is not None:
     from lepton_jax import prune  # pylint: disable=g-import-not-at-top  (prune imports this module)
-    update_masks = prune.schedule_update(model.cfg.prune, tx)
+    update_masks = prune.schedule_update(model.cfg, tx)
 
     def step_fn(state, frozen, batch):
       state = update_masks(state)

@@ -15,6 +15,8 @@ loads like a run's workdir, its model and tokenizer coming from OUT itself:
 and fine-tunes with --config.init_from=workdir:OUT (a config that sets num_heads, num_kv_heads
 or d_ff must set the pruned value; a masked method needs the same --config.prune.*, so that the
 first step finds the same masks, the zeros, and keeps them).
+A run that lepton-train pruned with heads or ffn (gradual or one_shot: masked units, zero) comes
+out smaller the same way, given its config.prune: the units it zeroed are the ones removed.
 Prints the parameters and non-zero weights before and after.
 """
 from absl import flags
@@ -40,7 +42,7 @@ def main(argv):
     prune_config.check()
     model, variables, tokenizer = sample.load(config, f.workdir, f.step)
     grads = None
-    if prune_config.importance == 'taylor' and not prune_config.masked:
+    if prune_config.importance == 'taylor' and prune_config.structured:
       batches = data.make_train_iterator(config, tokenizer, jax.process_index(),
                                          jax.process_count())
       grads = prune.loss_gradients(model, variables, [

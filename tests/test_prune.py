@@ -16,7 +16,7 @@ import pytest
 from lepton_jax import checkpoint, config_lib, experiment, prune, sample, sharding, train
 from lepton_jax import train_state, tree
 from lepton_jax.model import ModelConfig, Transformer
-from lepton_jax.model.config import PruneConfig
+from lepton_jax.model.config import UNIT_KERNELS, PruneConfig
 from tests.conftest import override, read_metrics, tiny_config, train_preempted_and_resumed
 
 REPO = pathlib.Path(__file__).parent.parent
@@ -165,7 +165,7 @@ def test_a_structured_pruned_model_computes_what_the_zeroed_full_model_does(meth
     ids = tokens((4, 17))
     grads = prune.loss_gradients(model, variables, [
         {'inputs': ids[:, :-1], 'targets': ids[:, 1:]}])
-  scores = prune.importance(model, variables['params'], config, grads)
+  scores = prune.importance(model.cfg, variables['params'], config, grads)
   kept = prune.units_kept(model.cfg, config, scores)
   smaller, small_variables = prune.shrink(model, variables, config, kept)
   expected = {'heads': dict(num_heads=2, num_kv_heads=2 if kv_heads == 4 else kv_heads),
@@ -193,8 +193,49 @@ def test_structured_pruning_keeps_the_most_important_units():
   up = variables['params']['layers_1']['mlp']['up']['kernel']
   variables['params']['layers_1']['mlp']['up']['kernel'] = up.at[:, 7].multiply(100.0)
   config = PruneConfig(method='ffn', sparsity=0.99)  # Keeps one channel per layer.
-  kept = prune.units_kept(model.cfg, config, prune.importance(model, variables['params'], config))
+  scores = prune.importance(model.cfg, variables['params'], config)
+  kept = prune.units_kept(model.cfg, config, scores)
   assert kept.shape == (2, 1) and int(kept[1, 0]) == 7
+
+
+@pytest.mark.parametrize('method, sparsity, kept', [('ffn', 0.75, 16), ('heads', 0.5, 2)])
+def test_gradual_structured_pruning_zeroes_whole_units_and_shrinks_to_the_same_model(
+    tmp_path, method, sparsity, kept):
+  config = tiny_config(tmp_path, total_steps=10, **{
+      'model.num_heads': 4, 'model.num_kv_heads': 2, 'prune.method': method,
+      'prune.sparsity': sparsity, 'prune.schedule': 'gradual', 'prune.begin_step': 2,
+      'prune.end_step': 6, 'prune.every_steps': 2})
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  state = restored_state(config, workdir, 10)
+  unit_kernels = UNIT_KERNELS[method]
+  assert set(tree.names(state.masks)) == {f'layers_{i}/{module}/kernel' for i in range(2)
+                                          for module, _, _ in unit_kernels}
+  for i in range(2):
+    layer, masks = state.trainable[f'layers_{i}'], state.masks[f'layers_{i}']
+    units = []
+    for module, _, axis in unit_kernels:
+      path = module.split('/')
+      kernel, mask = prune._get(layer, (*path, 'kernel')), prune._get(masks, (*path, 'kernel'))
+      mask = np.asarray(mask).reshape(kernel.shape)
+      others = tuple(d for d in range(kernel.ndim) if d != axis)
+      np.testing.assert_array_equal(mask.all(axis=others), mask.any(axis=others))  # Whole units.
+      units.append(mask.any(axis=others))
+      assert np.all(np.asarray(kernel)[~mask] == 0) and np.all(np.asarray(kernel)[mask] != 0)
+    assert all(np.array_equal(u, units[0]) for u in units), units  # A unit's every kernel.
+    assert units[0].sum() == kept
+    if method == 'heads':  # As many heads in each kv group.
+      assert units[0].reshape(2, 2).sum(axis=1).tolist() == [1, 1]
+  # The trained run, read without masks, shrinks to the smaller model computing the same logits.
+  unpruned = override(ml_collections.ConfigDict(config.to_dict()), **{'prune.method': 'none'})
+  model, variables, _ = sample.load(unpruned, workdir)
+  smaller, small_variables = prune.prune(model, variables,
+                                         PruneConfig(method=method, sparsity=sparsity))
+  assert smaller.cfg == dataclasses.replace(model.cfg, **{'heads': dict(num_heads=kept),
+                                                          'ffn': dict(d_ff=kept)}[method])
+  ids = tokens((2, 12), seed=3)
+  np.testing.assert_allclose(smaller.apply(small_variables, ids), model.apply(variables, ids),
+                             atol=2e-5, rtol=1e-5)
 
 
 def test_a_structured_pruned_model_exports_to_hugging_face(tmp_path):
@@ -263,7 +304,8 @@ def test_the_script_writes_a_smaller_model_that_loads_and_fine_tunes(tmp_path):
     ({'prune.method': 'n:m', 'prune.schedule': 'gradual'}, r"^config.prune.schedule='gradual'"),
     ({'prune.method': 'magnitude', 'prune.schedule': 'gradual'},
      r'^config.prune.begin_step=0, end_step=0, every_steps=100: gradual pruning needs'),
-    ({'prune.method': 'heads'}, r"^config.prune.method='heads' removes units"),
+    ({'prune.method': 'heads', 'prune.importance': 'taylor'},
+     r"^config.prune.importance='taylor': lepton-train ranks units by their norm"),
     ({'prune.method': 'magnitude', 'prune.layers': ('nothing',)},
      r"^config.prune.layers=\('nothing',\): matches no Dense layer$"),
     ({'prune.method': 'magnitude', 'trainable': (r'layers_1/.*', 'embed/.*', 'head/.*')},

@@ -206,18 +206,33 @@ class QuantConfig:
 
 # config.prune choices (lepton_jax/prune.py says what each computes).
 PRUNE_METHODS = ('none', 'magnitude', 'n:m', 'heads', 'ffn')
-MASKED_METHODS = ('magnitude', 'n:m')  # Those that keep masks; heads and ffn shrink the model.
+STRUCTURED_METHODS = ('heads', 'ffn')  # Those that remove whole units: a smaller model.
 PRUNE_SCOPES = ('layer', 'global')
 PRUNE_IMPORTANCES = ('norm', 'taylor')
 PRUNE_SCHEDULES = ('one_shot', 'gradual')
 
+# Per structured method, the weights of one unit in a block: (module path, param, unit axis). A
+# head's query rows and output columns (with MHA, where heads are kv heads, its key and value
+# too: KV_WEIGHTS); an FFN channel's up and gate columns and down rows.
+HEAD_WEIGHTS = (('attn/query', 'kernel', 1), ('attn/query', 'bias', 0), ('attn/out', 'kernel', 0))
+KV_WEIGHTS = (('attn/key', 'kernel', 1), ('attn/key', 'bias', 0), ('attn/value', 'kernel', 1),
+              ('attn/value', 'bias', 0))
+FFN_WEIGHTS = (('mlp/up', 'kernel', 1), ('mlp/up', 'bias', 0), ('mlp/gate', 'kernel', 1),
+               ('mlp/gate', 'bias', 0), ('mlp/down', 'kernel', 0))
+# The kernels whose masks prune a unit while training: zero, they remove its every contribution
+# (its output weights) and gradient (its input weights), whatever the kv grouping.
+UNIT_KERNELS = {method: tuple((module, param, axis) for module, param, axis in weights
+                              if param == 'kernel')
+                for method, weights in (('heads', HEAD_WEIGHTS), ('ffn', FFN_WEIGHTS))}
+
 
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
-  """Pruning (config.prune). With a masked method, each Dense that `layers` names holds a bool
-  mask in the `prune` collection, the shape of the 2-D matrix its matmul multiplies
-  ([prod(in), prod(out)], matmul_2d's view), and multiplies its kernel by it: pruned weights then
-  get no gradient, and the pruning schedule zeroes them and their optimizer moments.
+  """Pruning (config.prune). Each Dense a method masks holds a bool mask in the `prune`
+  collection, the shape of the 2-D matrix its matmul multiplies ([prod(in), prod(out)],
+  matmul_2d's view), and multiplies its kernel by it: pruned weights then get no gradient, and
+  the pruning schedule zeroes them and their optimizer moments. magnitude and n:m mask the Dense
+  layers `layers` names; heads and ffn the UNIT_KERNELS of every block.
   """
   method: str = 'none'
   scope: str = 'layer'  # magnitude: each Dense to `sparsity` | one threshold over all of them.
@@ -239,12 +254,16 @@ class PruneConfig:
     return cls(**dict(fields, layers=tuple(fields['layers'])))
 
   @property
-  def masked(self) -> bool:
-    return self.method in MASKED_METHODS
+  def structured(self) -> bool:
+    return self.method in STRUCTURED_METHODS
 
   def masks(self, module_path: str) -> bool:
     """Whether the Dense at `module_path` ('layers_0/attn/query') holds a pruning mask."""
-    return self.masked and any(re.fullmatch(pattern, module_path) for pattern in self.layers)
+    if self.structured:
+      return any(re.fullmatch(rf'layers(_\d+)?/{module}', module_path)
+                 for module, _, _ in UNIT_KERNELS[self.method])
+    return self.method != 'none' and any(re.fullmatch(pattern, module_path)
+                                         for pattern in self.layers)
 
   def check(self) -> None:
     """Raises a one-line ValueError naming the config.prune key of a setting that cannot run."""
@@ -258,9 +277,9 @@ class PruneConfig:
     if self.method == 'n:m' and not 0 < self.n <= self.m:
       raise ValueError(f'config.prune.n={self.n} with config.prune.m={self.m}: n:m keeps n of '
                        'every m weights, so 0 < n <= m')
-    if self.schedule == 'gradual' and self.method != 'magnitude':
-      raise ValueError(f"config.prune.schedule='gradual' ramps magnitude pruning's sparsity; "
-                       f'config.prune.method={self.method!r} is one-shot')
+    if self.schedule == 'gradual' and self.method == 'n:m':
+      raise ValueError("config.prune.schedule='gradual' ramps a sparsity (magnitude, heads, "
+                       "ffn); config.prune.method='n:m' is one-shot")
     if self.schedule == 'gradual' and not (self.end_step > self.begin_step >= 0 and
                                            self.every_steps > 0):
       raise ValueError(f'config.prune.begin_step={self.begin_step}, end_step={self.end_step}, '
