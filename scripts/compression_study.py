@@ -6,6 +6,9 @@
 
 - PRUNINGS: each one-shot (scripts/prune.py) and then fine-tuned for --finetune_steps
   (lepton-train with init_from the pruned checkpoint; the masked methods keep their masks).
+- GRADUAL: the structured ones pruned instead while fine-tuning the run for as many steps
+  (config.prune.schedule='gradual', by norm, reaching the sparsity at 3/4 of the steps), then
+  shrunk to the smaller model (scripts/prune.py).
 - A half-depth student trained for --student_steps from scratch and distilled from the run
   (config.objective='distill') at the same steps, on the run's tokenizer.
 - The best fine-tuned pruned model with int8 weights (per channel).
@@ -47,6 +50,7 @@ PRUNINGS = {
     'ffn 25%': {'method': 'ffn', 'sparsity': 0.25, 'importance': 'taylor'},
     'ffn 50%': {'method': 'ffn', 'sparsity': 0.5, 'importance': 'taylor'},
 }
+GRADUAL = ('heads 2/3', 'ffn 50%')
 FINETUNE = {'optimizer.learning_rate': 5e-4, 'optimizer.warmup_steps': 10,
             'sample.num_tokens': 0, 'keep_checkpoints': 1}
 DISTILL = {'objective': 'distill', 'distill.temperature': 2.0, 'distill.alpha': 0.5}
@@ -136,6 +140,23 @@ class Study:
                  **(prune_overrides if settings['method'] in ('magnitude', 'n:m') else {})}
     self.score(tuned, 'fine-tuned', self.train(tuned, overrides), overrides)
 
+  def gradual(self, name: str, settings: dict, steps: int) -> None:
+    gradual = f'{name}, gradual'
+    if gradual in self.rows:
+      return
+    pruning = {'prune.method': settings['method'], 'prune.sparsity': settings['sparsity']}
+    overrides = {**FINETUNE, 'init_from': f'workdir:{self.workdir}', 'total_steps': steps,
+                 **pruning, 'prune.schedule': 'gradual', 'prune.end_step': steps * 3 // 4,
+                 'prune.every_steps': max(1, steps // 4)}
+    masked = self.train(f'{gradual} (masked)', overrides)
+    smaller = str(self.out / dir_name(gradual))
+    tokenizer = {'data.tokenizer_path': config_lib.read_run_config(masked).data.tokenizer_path}
+    self.subprocess(gradual, [sys.executable, 'scripts/prune.py', f'--config={self.config_spec}',
+                              f'--workdir={masked}', f'--out={smaller}',
+                              *(f'--config.{k}={runner.flag_value(v)}'
+                                for k, v in {**self.overrides, **tokenizer, **pruning}.items())])
+    self.score(gradual, 'gradual', smaller, {})
+
   def students(self, steps: int) -> None:
     # The run's own tokenizer, as its config.json resolved it (the teacher's, for distillation).
     tokenizer_path = config_lib.read_run_config(self.workdir).data.tokenizer_path
@@ -173,13 +194,16 @@ def plot(rows: list[dict], path: epath.Path) -> None:
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   figure, ax = plt.subplots(figsize=(8, 5))
-  markers = {'trained': '*', 'one-shot': 'x', 'fine-tuned': 'o', 'student': 's', 'int8': 'D'}
+  markers = {'trained': '*', 'one-shot': 'x', 'fine-tuned': 'o', 'gradual': 'P', 'student': 's',
+             'int8': 'D'}
   for stage, marker in markers.items():
     chosen = [row for row in rows if row['stage'] == stage]
     ax.scatter([row['nonzero'] for row in chosen], [row['bits_per_byte'] for row in chosen],
                marker=marker, label=stage, s=60)
     for row in chosen:
-      label = row['name'].replace(', fine-tuned', '').replace(', int8 weights', '')
+      label = row['name']
+      for stage in (', fine-tuned', ', gradual', ', int8 weights'):
+        label = label.replace(stage, '')
       ax.annotate(label, (row['nonzero'], row['bits_per_byte']), fontsize=7, xytext=(4, 3),
                   textcoords='offset points')
   ax.set_xlabel('non-zero weights')
@@ -207,10 +231,12 @@ def main(argv):
       study.score('trained', 'trained', f.workdir, {})
     for name, settings in PRUNINGS.items():
       study.pruned(name, settings, f.finetune_steps)
+    for name in GRADUAL:
+      study.gradual(name, PRUNINGS[name], f.finetune_steps)
     study.students(f.student_steps)
     study.int8()
   # Each pruning's one-shot and fine-tuned lines together, whatever order the runs finished in.
-  order = ['trained', *(n for p in PRUNINGS for n in (p, f'{p}, fine-tuned'))]
+  order = ['trained', *(n for p in PRUNINGS for n in (p, f'{p}, fine-tuned', f'{p}, gradual'))]
   rows = sorted(study.rows.values(),
                 key=lambda row: order.index(row['name']) if row['name'] in order else len(order))
   (out / 'table.md').write_text(table(rows))
