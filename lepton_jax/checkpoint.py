@@ -20,6 +20,7 @@ the state item's params all trained) restore too.
 """
 import hashlib
 import json
+import math
 from typing import Any, Callable
 
 from etils import epath
@@ -94,6 +95,17 @@ class Checkpointer:
     # Format 1 held the model config's shape fields; its state item's params all trained.
     params = ocp.PyTreeCheckpointHandler().metadata(self._item_dir(step, 'state')).tree['params']
     return describe({'params': params}, jax.tree.map(lambda _: True, params))['variables']
+
+  def footprint(self, step: int) -> dict:
+    """What checkpoint `step` costs: its trainable parameters, the bytes of its optimizer state
+    (from orbax's metadata, nothing read) and its bytes on disk (frozen/ not counted)."""
+    trainable = sum(math.prod(v['shape']) for v in self.saved_variables(step).values()
+                    if v['trainable'])
+    state = ocp.PyTreeCheckpointHandler().metadata(self._item_dir(step, 'state')).tree
+    optimizer_bytes = sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+                          for leaf in jax.tree.leaves(state.get('opt_state')))
+    return {'trainable': trainable, 'optimizer_bytes': optimizer_bytes,
+            'checkpoint_bytes': _bytes_under(epath.Path(self._manager.directory) / str(step))}
 
   def check_compatible(self, meta: dict, same_split: bool) -> None:
     """Raises if the latest checkpoint holds other variables than `meta` describes (or, with
@@ -233,6 +245,11 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _bytes_under(directory: epath.Path) -> int:
+  return sum(_bytes_under(path) if path.is_dir() else path.stat().length
+             for path in directory.iterdir())
 
 
 def _masks_field(masks: Any) -> dict:

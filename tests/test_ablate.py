@@ -69,7 +69,12 @@ def test_grid_runs_and_reports(sweep):
   # 32 x 16, o 32 x 32, the MLP 2 (gelu) or 3 (swiglu) x 32 x 64 matrices, two norms of 32.
   attention, norms = 32 * 32 * 2 + 32 * 16 * 2, 2 * 32
   for mlp, matrices in (('gelu', 2), ('swiglu', 3)):
-    assert ok[mlp]['params'] == 2 * 257 * 32 + 32 + 2 * (attention + matrices * 32 * 64 + norms)
+    params = 2 * 257 * 32 + 32 + 2 * (attention + matrices * 32 * 64 + norms)
+    assert ok[mlp]['params'] == params
+    footprint = ok[mlp]['footprint']  # Every weight trains; AdamW's two f32 moments, and counts.
+    assert footprint['trainable'] == params
+    assert 8 * params < footprint['optimizer_bytes'] <= 8 * params + 16
+    assert footprint['checkpoint_bytes'] > 4 * params
 
   table = (workdir / 'table.md').read_text()
   assert table in result.stdout
@@ -110,8 +115,9 @@ def test_shards_split_the_grid_and_collect_reads_them_all(sweep, tmp_path):
 
 def test_pending_cells_are_marked_in_the_table():
   cells = [grid.Cell((('lr', lr),), seed, {}) for lr in ('1', '2') for seed in (0, 1)]
+  footprint = {'trainable': 10, 'optimizer_bytes': 80_000, 'checkpoint_bytes': 20_000}
   results = {'lr=1,seed=0': {'name': 'lr=1,seed=0', 'status': 'ok', 'final': {'m': 1.0},
-                             'params': 10, 'tokens_per_sec': 5.0},
+                             'params': 10, 'tokens_per_sec': 5.0, 'footprint': footprint},
              'lr=1,seed=1': {'name': 'lr=1,seed=1', 'status': 'ok', 'final': {'m': 2.0},
                              'params': 10, 'tokens_per_sec': 7.0},
              'lr=2,seed=0': {'name': 'lr=2,seed=0', 'status': 'ok', 'final': {'m': 4.0},
@@ -119,8 +125,9 @@ def test_pending_cells_are_marked_in_the_table():
   axes = {'lr': {'1': {}, '2': {}}}
   table = report.table(axes, report.summarize(cells, results, 'm'), results, 'm')
   rows = table.splitlines()[2:]
-  assert rows[0] == f'| 1 | 1.5000 ± {np.std([1, 2], ddof=1):.4f} | (baseline) | 10 | 6 | 2 ok |'
-  assert rows[1] == '| 2 | 4.0000 | +2.5000 | 10 | 6 | 1 ok, 1 pending |'
+  assert rows[0] == (f'| 1 | 1.5000 ± {np.std([1, 2], ddof=1):.4f} | (baseline) | 10 | 10 | '
+                     '0.08 MB | 0.02 MB | 6 | 2 ok |')
+  assert rows[1] == '| 2 | 4.0000 | +2.5000 | 10 | — | — | — | 6 | 1 ok, 1 pending |'
 
 
 @pytest.mark.parametrize('flag,message', [

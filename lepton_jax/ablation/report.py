@@ -27,7 +27,8 @@ def summarize(cells: list[grid.Cell], results: dict[str, dict], metric: str) -> 
   rows = {}
   for cell in cells:
     row = rows.setdefault(cell.group, {'labels': dict(cell.labels), 'values': [], 'ok': 0,
-                                       'failed': 0, 'pending': 0, 'params': None, 'speeds': []})
+                                       'failed': 0, 'pending': 0, 'params': None,
+                                       'footprint': {}, 'speeds': []})
     result = results.get(cell.name)
     if result is None:
       row['pending'] += 1
@@ -37,11 +38,16 @@ def summarize(cells: list[grid.Cell], results: dict[str, dict], metric: str) -> 
       row['failed'] += 1
       continue
     row['ok'] += 1
+    row['footprint'] = row['footprint'] or result.get('footprint', {})
     if metric in result['final']:
       row['values'].append(result['final'][metric])
     if result.get('tokens_per_sec'):
       row['speeds'].append(result['tokens_per_sec'])
   return list(rows.values())
+
+
+def _megabytes(count: int) -> str:
+  return f'{count / 1e6:.2f} MB'
 
 
 def _baseline(row: dict, axis: str, first: str, rows: list[dict]) -> dict | None:
@@ -53,7 +59,7 @@ def table(axes: grid.Axes, rows: list[dict], results: dict[str, dict], metric: s
   axis_names = list(axes)
   firsts = {axis: next(iter(labels)) for axis, labels in axes.items()}
   header = [*axis_names, metric, *(f'Δ vs {axis}={firsts[axis]}' for axis in axis_names),
-            'params', 'tokens/s', 'runs']
+            'params', 'trainable', 'optimizer state', 'checkpoint', 'tokens/s', 'runs']
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for row in rows:
     mean, std = _mean_std(row['values']) if row['values'] else (None, None)
@@ -70,8 +76,12 @@ def table(axes: grid.Axes, rows: list[dict], results: dict[str, dict], metric: s
     runs = f"{row['ok']} ok" + ''.join(f", {row[k]} {k}" for k in ('failed', 'pending') if row[k])
     speed = f"{statistics.median(row['speeds']):,.0f}" if row['speeds'] else '—'
     params = f"{row['params']:,}" if row['params'] else '—'
+    measured = row['footprint']
+    trainable = f"{measured['trainable']:,}" if measured else '—'
+    sizes = [_megabytes(measured[k]) if measured else '—'
+             for k in ('optimizer_bytes', 'checkpoint_bytes')]
     lines.append('| ' + ' | '.join([*(row['labels'][a] for a in axis_names), value, *deltas,
-                                    params, speed, runs]) + ' |')
+                                    params, trainable, *sizes, speed, runs]) + ' |')
   failures = [r for r in results.values() if r['status'] != 'ok']
   if failures:
     lines += ['', 'Failed runs:', '']

@@ -15,7 +15,7 @@ import time
 from etils import epath
 import ml_collections
 
-from lepton_jax import config_lib, data, paths, sharding, train_state
+from lepton_jax import checkpoint, config_lib, data, paths, sharding, train_state
 from lepton_jax.ablation import grid
 from lepton_jax.evals import cost
 from lepton_jax.model import ModelConfig, Transformer
@@ -49,13 +49,19 @@ def shared_tokenizer(config: ml_collections.ConfigDict, cells: list[grid.Cell],
 
 def read_result(workdir: epath.Path, cell: grid.Cell) -> dict | None:
   path = workdir / cell.name / RESULT
-  return json.loads(path.read_text()) if path.exists() else None
+  if not path.exists():
+    return None
+  result = json.loads(path.read_text())
+  if 'footprint' not in result:  # Written before results held one.
+    result['footprint'] = footprint(workdir / cell.name)
+  return result
 
 
 def run_cell(cell: grid.Cell, config_spec: str, workdir: epath.Path, base_overrides: dict,
              extra_flags=()) -> dict:
   """Runs (or resumes) one cell and writes its result: status, final metrics, eval curves,
-  parameters, median tokens/s and wall time; for a failed run, its last line of output."""
+  parameters, the last checkpoint's footprint, median tokens/s and wall time; for a failed run,
+  its last line of output."""
   run_dir = workdir / cell.name
   run_dir.mkdir(parents=True, exist_ok=True)
   overrides = {**base_overrides, **cell.overrides}
@@ -68,7 +74,7 @@ def run_cell(cell: grid.Cell, config_spec: str, workdir: epath.Path, base_overri
   result = {'name': cell.name, 'group': cell.group, 'labels': dict(cell.labels),
             'seed': cell.seed, 'overrides': overrides,
             'wall_s': round(time.perf_counter() - start, 1), 'command': argv,
-            'params': param_count(run_dir),
+            'params': param_count(run_dir), 'footprint': footprint(run_dir),
             **read_metrics(run_dir)}
   if finished.returncode == 0:
     result['status'] = 'ok'
@@ -109,6 +115,18 @@ def param_count(run_dir: epath.Path) -> int | None:
                                               peft_config=run_config.get('peft')))
   abstract = sharding.unbox_abstract(train_state.boxed_variables(model, run_config.seq_len))
   return cost.param_counts(abstract['params'])['params']
+
+
+def footprint(run_dir: epath.Path) -> dict:
+  """Trainable parameters, optimizer-state bytes and checkpoint bytes of the run's last
+  checkpoint (checkpoint.Checkpointer.footprint); {} before its first."""
+  if not (run_dir / 'checkpoints').exists():
+    return {}
+  checkpointer = checkpoint.Checkpointer(os.fspath(run_dir), read_only=True)
+  step = checkpointer.latest_step()
+  measured = checkpointer.footprint(step) if step is not None else {}
+  checkpointer.close()
+  return measured
 
 
 @dataclasses.dataclass
