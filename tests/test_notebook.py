@@ -157,6 +157,10 @@ def test_lora_finetune_runs(tmp_path):
   printed = _printed(_run(LORA_NOTEBOOK, tmp_path, LORA_OVERRIDES))
   assert 'held-out email/ + xml/ loss: base' in printed  # The notebook asserts LoRA < base.
   assert 'max |merged - adapted| logits' in printed
+  # The PEFT family's table: a row per method (the notebook asserts the matched budgets).
+  assert all(f'\n{method} ' in printed for method in (
+      'LoRA all-linear r=8', 'AdaLoRA r=12 -> 8', 'Houlsby b=32', 'Pfeiffer b=64',
+      'prompt tuning, 20 tokens'))
 
 
 @pytest.mark.slow  # 120 steps of training; tests/test_quant.py checks the same losses.
