@@ -56,12 +56,18 @@ def running(served: api.Served, start_engine: bool = True):
 
 
 @pytest.fixture(scope='module')
-def lepton_run(tmp_path_factory):
-  """(model, variables, tokenizer) of a tiny byte-level run trained for 10 steps."""
+def lepton_workdir(tmp_path_factory):
+  """(config, workdir) of a tiny byte-level run trained for 10 steps."""
   tmp_path = tmp_path_factory.mktemp('run')
   config = tiny_config(tmp_path, total_steps=10, **{'model.max_seq_len': 64})
   train.train_and_evaluate(config, str(tmp_path / 'workdir'))
-  return sample.load(config, str(tmp_path / 'workdir'))
+  return config, str(tmp_path / 'workdir')
+
+
+@pytest.fixture(scope='module')
+def lepton_run(lepton_workdir):
+  """(model, variables, tokenizer) of that run."""
+  return sample.load(*lepton_workdir)
 
 
 @pytest.fixture(scope='module')
@@ -360,6 +366,33 @@ def test_adapters_are_models_of_their_names_and_mix_in_one_batch(lepton_run):
       assert completion.choices[0].text == tokenizer.decode(expected), name
     with pytest.raises(openai.NotFoundError, match="serves \\['tiny', 'alpha', 'beta'\\]"):
       client(url).completions.create(model='gamma', prompt='x', max_tokens=1)
+
+
+def test_a_lepton_lora_run_serves_as_an_adapter_of_its_base(lepton_workdir, lepton_run,
+                                                             tmp_path):
+  from lepton_jax.serve import __main__ as serve_main  # pylint: disable=g-import-not-at-top
+  _, base_dir = lepton_workdir
+  model, variables, tokenizer = lepton_run
+  lora_config = tiny_config(tmp_path, total_steps=6, init_from=f'workdir:{base_dir}', **{
+      'model.max_seq_len': 64, 'lora.targets': ('q', 'v'), 'lora.rank': 4,
+      'optimizer.learning_rate': 5e-2, 'optimizer.warmup_steps': 1})
+  lora_dir = str(tmp_path / 'lora')
+  train.train_and_evaluate(lora_config, lora_dir)
+  adapted, adapters = serve_main.load_adapters([f'ft={lora_dir}'], model, None)
+  trained, trained_variables, _ = sample.load(lora_config, lora_dir)
+  assert adapted.cfg == trained.cfg and list(adapters) == ['ft']
+  assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                                   adapters['ft'], lora.adapter_of(trained_variables['params'])))
+  served = server.build(adapted, variables, tokenizer, 'tiny', max_batch=4, adapters=adapters)
+  ids = text_ids(tokenizer, PROMPTS[1])
+  with running(served) as url:
+    texts = {name: client(url).completions.create(model=name, prompt=PROMPTS[1], max_tokens=8,
+                                                  temperature=0).choices[0].text
+             for name in ('tiny', 'ft')}
+  for name, (m, v) in {'tiny': (model, variables), 'ft': (trained, trained_variables)}.items():
+    expected = generate.generate(m, v, [ids], 8, stop_ids=tokenizer.eos_ids)[0]
+    assert texts[name] == tokenizer.decode(expected), name
+  assert texts['ft'] != texts['tiny']  # The adapter changes what the base says.
 
 
 def test_bad_adapter_flags_are_one_line_errors(lepton_run, tmp_path):

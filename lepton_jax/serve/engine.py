@@ -142,7 +142,9 @@ class Engine:
                          '--config.mesh.tensor) and run a server per replica')
       shardings = train_state.abstract_variables(model, self.mesh, self.rules, 8)[1]
       self.variables = jax.device_put(variables, tree.select(shardings, variables))
-      self._set_adapters(adapters or {})
+      # Each adapter laid out as its params are here (a loaded run's are on the run's mesh).
+      self._set_adapters({name: jax.device_put(adapter, tree.select(shardings['params'], adapter))
+                          for name, adapter in (adapters or {}).items()})
     self.cache_len = generate.cache_length(cfg, self.max_seq_len + cfg.peft.virtual_tokens)
     self.buckets = buckets(self.max_seq_len)
     self.stops = generate.stop_array(sorted(set(stop_ids)))
