@@ -41,12 +41,14 @@ flags.DEFINE_integer('student_steps', 300, 'Training steps of each half-depth st
 flags.DEFINE_integer('batches', 8, 'Eval batches (of config.batch_size x config.seq_len).',
                      lower_bound=1)
 
-# The stdlib runs are GQA with 3 query heads per kv group, so heads go a third at a time.
+# The stdlib runs are GQA with 3 query heads per kv group, so heads go a third at a time; heads
+# are ranked by Taylor importance, and once by norm, as the gradual schedule ranks them.
 PRUNINGS = {
     'magnitude 50%': {'method': 'magnitude', 'sparsity': 0.5},
     '2:4': {'method': 'n:m', 'n': 2, 'm': 4},
     'heads 1/3': {'method': 'heads', 'sparsity': 1 / 3, 'importance': 'taylor'},
     'heads 2/3': {'method': 'heads', 'sparsity': 2 / 3, 'importance': 'taylor'},
+    'heads 2/3 by norm': {'method': 'heads', 'sparsity': 2 / 3, 'importance': 'norm'},
     'ffn 25%': {'method': 'ffn', 'sparsity': 0.25, 'importance': 'taylor'},
     'ffn 50%': {'method': 'ffn', 'sparsity': 0.5, 'importance': 'taylor'},
 }
