@@ -7,7 +7,8 @@
 
 Each run is an ordinary lepton-train run in WORKDIR/<axis=label,...,seed=N>; runs that finished
 are skipped and interrupted ones resume, so the same command continues a sweep. The results go to
-WORKDIR/results.jsonl, table.md, curves.png and final.png (lepton_jax/ablation/report.py).
+WORKDIR/results.jsonl, table.md, curves.png, final.png and budget.png
+(lepton_jax/ablation/report.py).
 --shard=i/n runs every n-th cell from the i-th (one host each, sharing WORKDIR); --collect then
 writes the table from what all of them finished. A failed run is reported, and the sweep goes on.
 """

@@ -86,7 +86,7 @@ def test_grid_runs_and_reports(sweep):
   assert cells[0][4] == '(baseline)'
   assert cells[2][2:4] == ['—', '—'] and cells[2][-1] == '0 ok, 1 failed'
   assert 'Failed runs:' in table and "nowhere.txt' matches no file" in table
-  for plot in ('curves.png', 'final.png'):
+  for plot in ('curves.png', 'final.png', 'budget.png'):
     assert (workdir / plot).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 

@@ -1,11 +1,13 @@
-"""A sweep's results as WORKDIR/results.jsonl, table.md and two plots (matplotlib).
+"""A sweep's results as WORKDIR/results.jsonl, table.md and three plots (matplotlib).
 
 table.md has a row per cell: its labels, the metric's mean +- standard deviation over the seeds
 that finished, its difference to the cell with each axis's first label instead (the baseline;
-with seeds, the difference of the means), parameters and median training tokens/s. Runs that
+with seeds, the difference of the means), parameters, the last checkpoint's trainable
+parameters, optimizer-state and checkpoint bytes, and median training tokens/s. Runs that
 failed are counted in the row and listed below the table with their error; cells not run yet
 (another --shard's) are marked pending. curves.png draws each cell's validation curve (the mean
-over its seeds); final.png each cell's final metric with the seeds' standard deviation.
+over its seeds); final.png each cell's final metric with the seeds' standard deviation;
+budget.png the same against trainable parameters (log scale), what adapter studies compare.
 """
 import io
 import json
@@ -137,9 +139,30 @@ def plot_final(rows: list[dict], metric: str, path: epath.Path) -> None:
   plt.close(figure)
 
 
+def plot_budget(rows: list[dict], metric: str, path: epath.Path) -> None:
+  """Each cell's final `metric` (mean and seeds' std) against its trainable parameters."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  measured = [r for r in rows if r['values'] and r['footprint']]
+  figure, ax = plt.subplots(figsize=(7, 4.5))
+  for row in measured:
+    mean, std = _mean_std(row['values'])
+    ax.errorbar(row['footprint']['trainable'], mean, yerr=std or 0, fmt='o', capsize=4)
+    ax.annotate(','.join(row['labels'].values()) or 'baseline',
+                (row['footprint']['trainable'], mean), fontsize=7, xytext=(4, 3),
+                textcoords='offset points')
+  ax.set_xscale('log')
+  ax.set_xlabel('trainable parameters')
+  ax.set_ylabel(f'final {metric}')
+  ax.grid(alpha=0.3)
+  _save(figure, path)
+  plt.close(figure)
+
+
 def write(workdir: epath.Path, axes: grid.Axes, cells: list[grid.Cell],
           results: dict[str, dict], metric: str) -> str:
-  """Writes results.jsonl, table.md, curves.png and final.png; returns the table."""
+  """Writes results.jsonl, table.md, curves.png, final.png and budget.png; returns the table."""
   lines = [json.dumps(results[c.name]) for c in cells if c.name in results]
   paths.write_atomically(workdir / 'results.jsonl', ''.join(l + '\n' for l in lines).encode())
   rows = summarize(cells, results, metric)
@@ -147,4 +170,5 @@ def write(workdir: epath.Path, axes: grid.Axes, cells: list[grid.Cell],
   paths.write_atomically(workdir / 'table.md', markdown.encode())
   plot_curves(cells, results, metric, workdir / 'curves.png')
   plot_final(rows, metric, workdir / 'final.png')
+  plot_budget(rows, metric, workdir / 'budget.png')
   return markdown
