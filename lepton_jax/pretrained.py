@@ -84,13 +84,15 @@ def load_variables(config: ml_collections.ConfigDict, model, abstract_variables:
 
   An int8 base (config.quant.weights, QLoRA) is the source's float weights quantized as `model`
   says (lepton_jax/quant.py), which gives the same bits at every load: a resumed run's base
-  matches its checkpoints' fingerprint.
+  matches its checkpoints' fingerprint. A quant.qat model's weights are float params: the
+  source's, unquantized.
   """
   wanted = dict(abstract_variables, params=adapters.base_of(abstract_variables.get('params', {})))
   mesh, rules = jax.tree.leaves(abstract_variables)[0].sharding.mesh, config.mesh.rules
   without_adapters = dataclasses.replace(model.cfg, lora=LoraConfig(), peft=PeftConfig())
   float_model = Transformer(dataclasses.replace(without_adapters, quant=QuantConfig()))
-  quantized = float_model.cfg != without_adapters
+  # qat trains float weights (fake-quantized in the forward pass): they load as they are.
+  quantized = model.cfg.quant.stores_int8
   if quantized:
     float_wanted = checkpoint.abstract_like(*train_state.abstract_variables(float_model, mesh,
                                                                              rules, 1))

@@ -182,6 +182,23 @@ def test_a_fresh_dora_adapter_over_a_loaded_base_changes_nothing(tmp_path, base_
                              base_model.apply(base_variables, tokens_BT), atol=1e-5)
 
 
+def test_a_qat_run_from_a_trained_run_starts_from_its_float_weights(tmp_path, base_run):
+  """qat trains float weights: init_from loads them as they are, not quantized (which left no
+  float kernel to load, so every Dense restarted from its random init)."""
+  config = tiny_config(tmp_path, init_from=f'workdir:{base_run}', total_steps=1, **{
+      'model.vocab_size': 257, 'quant.weights': 'int8', 'quant.activations': 'int8',
+      'quant.qat': True, 'optimizer.learning_rate': 0.0, 'optimizer.warmup_steps': 0})
+  train.train_and_evaluate(config, str(tmp_path / 'qat'))
+  float_only = {'quant.weights': 'none', 'quant.activations': 'none', 'quant.qat': False}
+  _, variables, _ = sample.load(override(ml_collections.ConfigDict(config.to_dict()),
+                                         **float_only), str(tmp_path / 'qat'))
+  base_config = tiny_config(tmp_path, **{'model.vocab_size': 257})
+  _, base_variables, _ = sample.load(base_config, str(base_run))
+  for name, a, b in zip(tree.names(variables['params']), jax.tree.leaves(variables['params']),
+                        jax.tree.leaves(base_variables['params'])):
+    np.testing.assert_array_equal(a, b, err_msg=name)  # A step at learning rate 0.
+
+
 @pytest.mark.parametrize('overrides, message', [
     ({'lora.targets': ()}, r"quant.weights='int8' trains LoRA adapters over an int8 base"),
     ({'quant.activations': 'int8'}, r'int8 activations have no gradient'),
