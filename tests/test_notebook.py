@@ -23,6 +23,7 @@ ABLATIONS_NOTEBOOK = REPO / 'notebooks' / 'ablations.ipynb'
 INT8_NOTEBOOK = REPO / 'notebooks' / 'int8_inference.ipynb'
 INTERPRET_NOTEBOOK = REPO / 'notebooks' / 'interpret.ipynb'
 COMPRESSION_NOTEBOOK = REPO / 'notebooks' / 'compression.ipynb'
+FINETUNE_TASK_NOTEBOOK = REPO / 'notebooks' / 'finetune_task.ipynb'
 
 OVERRIDES = """\
 config.total_steps = 30
@@ -80,7 +81,8 @@ def _printed(code: list) -> str:
                    if out.output_type == 'stream')
 
 @pytest.mark.parametrize('path', [NOTEBOOK, HF_NOTEBOOK, LORA_NOTEBOOK, ABLATIONS_NOTEBOOK,
-                                  INT8_NOTEBOOK, INTERPRET_NOTEBOOK, COMPRESSION_NOTEBOOK],
+                                  INT8_NOTEBOOK, INTERPRET_NOTEBOOK, COMPRESSION_NOTEBOOK,
+                                  FINETUNE_TASK_NOTEBOOK],
                          ids=lambda path: path.stem)
 def test_notebook_is_stored_without_outputs(path):
   nb = nbformat.read(path, as_version=4)
@@ -203,3 +205,27 @@ def test_compression_runs(tmp_path):
   assert len(tables[-1].splitlines()) == 2 + 7  # Header, rule and a row for each of the 7 models.
   (plot_cell,) = [cell for cell in code if 'plt.show()' in cell.source]
   assert any('image/png' in out.get('data', {}) for out in plot_cell.outputs)
+
+
+def test_finetune_task_runs(tmp_path):
+  pytest.importorskip('transformers')
+  # The LoRA notebook's small model, pretrained on two packages as in test_compression_runs; the
+  # classifier reads all four packages' functions with that tokenizer.
+  overrides = LORA_OVERRIDES.replace(
+      'BASE_STEPS = 30\nLORA_STEPS = 30', 'BASE_STEPS = 30\nCLASSIFY_STEPS = 60\nQAT_STEPS = 10'
+  ).replace('  return config', "  config.data.include = ('email/*', 'xml/*')\n  return config")
+  code = _run(FINETUNE_TASK_NOTEBOOK, tmp_path, overrides)
+  printed = _printed(code)
+  # The notebook asserts each bound: above the majority label, PTQ near f32, the QAT run's int8
+  # model scoring what it trained and near PTQ after as many float steps, transformers' logits
+  # equal to lepton's.
+  assert "fine-tuned: test accuracy" in printed and "(always 'idlelib':" in printed
+  assert 'PTQ W8A8 per channel: test accuracy' in printed
+  assert "training's split: QAT run's last evaluation" in printed
+  assert 'LlamaForSequenceClassification: max |lepton - transformers| logits' in printed
+  tables = [out['data']['text/markdown'] for cell in code for out in cell.outputs
+            if 'text/markdown' in out.get('data', {})]
+  assert len(tables) == 1 and tables[0].startswith('| model | variables | test accuracy |')
+  assert len(tables[0].splitlines()) == 2 + 6  # f32, two PTQ schemes, f32 continued, its PTQ, QAT.
+  (confusion_cell,) = [cell for cell in code if 'plot_confusion' in cell.source]
+  assert any('image/png' in out.get('data', {}) for out in confusion_cell.outputs)
