@@ -221,7 +221,7 @@ def test_finetune_task_runs(tmp_path):
   # equal to lepton's.
   assert "fine-tuned: test accuracy" in printed and "(always 'idlelib':" in printed
   assert 'PTQ W8A8 per channel: test accuracy' in printed
-  assert "training's split: QAT run's last evaluation" in printed
+  assert "eval split of training: QAT run's last evaluation" in printed
   assert 'LlamaForSequenceClassification: max |lepton - transformers| logits' in printed
   tables = [out['data']['text/markdown'] for cell in code for out in cell.outputs
             if 'text/markdown' in out.get('data', {})]
