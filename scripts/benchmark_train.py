@@ -7,6 +7,8 @@ batches, so data loading and logging are not measured. Prints one line of JSON w
   python scripts/benchmark_train.py --config=configs/stdlib_tiny.py --steps=30 --repeats=5
   python scripts/benchmark_train.py --config=... --cpu_devices=2  # one JAX device per CPU core
   python scripts/benchmark_train.py --config=... --part=fwd_bwd  # loss and gradients only
+  python scripts/benchmark_train.py --config=configs/lora_adapt.py:/tmp/lora_base \
+      --config.peft.method=houlsby --config.lora.targets='()'  # a fine-tune: its base's shape
 
 `--part=fwd_bwd` times the loss and its gradients as the step computes them (with the gradient
 all-reduce across data-parallel devices, without clipping and the optimizer); `--part=fwd` the
@@ -30,8 +32,8 @@ from absl import flags
 import jax
 import numpy as np
 
-from lepton_jax import cli, config_lib, data, experiment, flops, lora, monitor, objectives
-from lepton_jax import sharding, steps, train, train_state
+from lepton_jax import adapters, cli, config_lib, data, experiment, flops, monitor, objectives
+from lepton_jax import pretrained, sharding, steps, train, train_state
 from lepton_jax.model import ModelConfig, Transformer
 
 cli.define_flags()
@@ -115,7 +117,9 @@ def main(argv):
   if flags.FLAGS.part == 'loop':
     print(json.dumps(time_loop(config)))
     return
-  model_config = ModelConfig.from_config(resolved_model_config(config), config.lora)
+  config = pretrained.resolve(config)  # A fine-tune times its base's shape (random weights).
+  model_config = ModelConfig.from_config(resolved_model_config(config), config.lora,
+                                         config.quant, config.prune, config.peft, config.seed)
   model = Transformer(model_config)
   tx, schedule = experiment.make_optimizer(config)
   mesh = sharding.make_mesh(config.mesh)
@@ -123,11 +127,12 @@ def main(argv):
 
   with sharding.use_mesh(mesh, rules):
     layout = train_state.make_layout(model, tx, mesh, rules, config.seq_len,
-                                     lora.trainable_patterns(config))
+                                     adapters.trainable_patterns(config))
     batch_sharding = sharding.batch_sharding(mesh, rules)
     state, frozen = train_state.init_state(model, tx, config.seed, config.seq_len, layout)
     if flags.FLAGS.part == 'step':
-      step_fn = train_state.jit_train_step(model, tx, schedule, config, layout, batch_sharding)
+      step_fn = train_state.jit_train_step(model, tx, schedule, config, layout, batch_sharding,
+                                           experiment.penalty(config))
     else:
       step_fn = jit_part(flags.FLAGS.part, model, config, layout, batch_sharding)
     rng = np.random.default_rng(0)
