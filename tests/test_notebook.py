@@ -155,6 +155,7 @@ def _small(arg=None):  # A 2-layer model: seconds, not minutes.
 _tiny.get_config = _small"""
 
 
+@pytest.mark.slow  # Two minutes; test_lora.py, test_peft_methods.py, test_hf.py check the same.
 def test_lora_finetune_runs(tmp_path):
   printed = _printed(_run(LORA_NOTEBOOK, tmp_path, LORA_OVERRIDES))
   assert 'held-out email/ + xml/ loss: base' in printed  # The notebook asserts LoRA < base.
@@ -207,6 +208,7 @@ def test_compression_runs(tmp_path):
   assert any('image/png' in out.get('data', {}) for out in plot_cell.outputs)
 
 
+@pytest.mark.slow  # 90 s; test_classify_hf.py, test_quant.py, test_quant_training.py check it.
 def test_finetune_task_runs(tmp_path):
   pytest.importorskip('transformers')
   # The LoRA notebook's small model, pretrained on two packages as in test_compression_runs; the
