@@ -272,31 +272,32 @@ def unit_masks(cfg: ModelConfig, prune: PruneConfig, params: dict, masks: dict,
   keep_LU = unit_keep(cfg, prune, importance(cfg, params, prune), sparsity)
   layers = []
   for layer, layer_masks, keep_U in zip(_layers(cfg, params), _layers(cfg, masks), keep_LU):
-    layer_masks = jax.tree.map(lambda x: x, layer_masks)  # New dicts, as in _take_units.
-    for path, axis in _weights_of(layer, UNIT_KERNELS[prune.method]):
-      kernel, parent = _get(layer, path), _get(layer_masks, path[:-1])
-      parent[path[-1]] = jnp.broadcast_to(_along(keep_U, kernel.ndim, axis),
-                                          kernel.shape).reshape(parent[path[-1]].shape)
-    layers.append(layer_masks)
+    unit_mask = lambda mask, kernel, axis, keep_U=keep_U: jnp.broadcast_to(
+        _along(keep_U, kernel.ndim, axis), kernel.shape).reshape(mask.shape)
+    layers.append(_replace_units(layer_masks, layer, UNIT_KERNELS[prune.method], unit_mask))
   return _with_layers(cfg, masks, layers)
 
 
+def _replace_units(block: dict, reference: dict, weights, fn) -> dict:
+  """`block` (a block's params, or its masks) with each unit weight that `reference` (the block's
+  params) has replaced by fn(its value, the param, its unit axis); new dicts, so the caller's
+  tree stays as it was."""
+  block = jax.tree.map(lambda x: x, block)
+  for path, axis in _weights_of(reference, weights):
+    parent = _get(block, path[:-1])
+    parent[path[-1]] = fn(parent[path[-1]], _get(reference, path), axis)
+  return block
+
+
 def _take_units(layer: dict, weights, kept_U: jax.Array) -> dict:
-  layer = jax.tree.map(lambda x: x, layer)  # New dicts: the caller's tree stays as it was.
-  for path, axis in _weights_of(layer, weights):
-    parent = _get(layer, path[:-1])
-    parent[path[-1]] = jnp.take(parent[path[-1]], kept_U, axis=axis)
-  return layer
+  return _replace_units(layer, layer, weights,
+                        lambda w, _, axis: jnp.take(w, kept_U, axis=axis))
 
 
 def _zero_units(layer: dict, weights, kept_U: jax.Array, units: int) -> dict:
-  layer = jax.tree.map(lambda x: x, layer)
   keep = jnp.zeros(units, jnp.bool_).at[kept_U].set(True)
-  for path, axis in _weights_of(layer, weights):
-    parent = _get(layer, path[:-1])
-    w = parent[path[-1]]
-    parent[path[-1]] = jnp.where(_along(keep, w.ndim, axis), w, 0)
-  return layer
+  return _replace_units(layer, layer, weights,
+                        lambda w, _, axis: jnp.where(_along(keep, w.ndim, axis), w, 0))
 
 
 def shrink(model: Transformer, variables: dict, prune: PruneConfig,
