@@ -31,7 +31,7 @@ from ml_collections import config_flags
 from lepton_jax import cli, config_lib, prune, quant, sample, sharding
 from lepton_jax.ablation import runner
 from lepton_jax.evals import language_model
-from lepton_jax.model.config import ARCHITECTURE_FIELDS, QuantConfig
+from lepton_jax.model.config import ARCHITECTURE_FIELDS, STRUCTURED_METHODS, QuantConfig
 
 flags.DEFINE_string('out', None, 'Directory for the pruned, fine-tuned and student runs.')
 flags.DEFINE_integer('finetune_steps', 60, 'Fine-tuning steps after each one-shot pruning.',
@@ -121,14 +121,18 @@ class Study:
     print(name, row, flush=True)
     return row
 
+  def prune_script(self, name: str, workdir: str, out: str, overrides: dict) -> None:
+    """scripts/prune.py of the run in `workdir` into `out`, with the study's and `overrides`."""
+    self.subprocess(name, [sys.executable, 'scripts/prune.py', f'--config={self.config_spec}',
+                           f'--workdir={workdir}', f'--out={out}',
+                           *(f'--config.{k}={runner.flag_value(v)}'
+                             for k, v in {**self.overrides, **overrides}.items())])
+
   def pruned(self, name: str, settings: dict, finetune_steps: int) -> None:
     prune_overrides = {f'prune.{key}': value for key, value in settings.items()}
     one_shot = str(self.out / dir_name(name))
     if name not in self.rows:
-      self.subprocess(name, [sys.executable, 'scripts/prune.py', f'--config={self.config_spec}',
-                             f'--workdir={self.workdir}', f'--out={one_shot}',
-                             *(f'--config.{k}={runner.flag_value(v)}'
-                               for k, v in {**self.overrides, **prune_overrides}.items())])
+      self.prune_script(name, self.workdir, one_shot, prune_overrides)
       self.score(name, 'one-shot', one_shot, {})
     tuned = f'{name}, fine-tuned'
     if tuned in self.rows:
@@ -139,7 +143,7 @@ class Study:
     overrides = {**FINETUNE, 'init_from': f'workdir:{one_shot}',
                  'total_steps': finetune_steps,
                  **{f'model.{k}': pruned_model[k] for k in ARCHITECTURE_FIELDS},
-                 **(prune_overrides if settings['method'] in ('magnitude', 'n:m') else {})}
+                 **({} if settings['method'] in STRUCTURED_METHODS else prune_overrides)}
     self.score(tuned, 'fine-tuned', self.train(tuned, overrides), overrides)
 
   def gradual(self, name: str, settings: dict, steps: int) -> None:
@@ -153,10 +157,7 @@ class Study:
     masked = self.train(f'{gradual} (masked)', overrides)
     smaller = str(self.out / dir_name(gradual))
     tokenizer = {'data.tokenizer_path': config_lib.read_run_config(masked).data.tokenizer_path}
-    self.subprocess(gradual, [sys.executable, 'scripts/prune.py', f'--config={self.config_spec}',
-                              f'--workdir={masked}', f'--out={smaller}',
-                              *(f'--config.{k}={runner.flag_value(v)}'
-                                for k, v in {**self.overrides, **tokenizer, **pruning}.items())])
+    self.prune_script(gradual, masked, smaller, {**tokenizer, **pruning})
     self.score(gradual, 'gradual', smaller, {})
 
   def students(self, steps: int) -> None:
