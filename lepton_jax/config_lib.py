@@ -11,6 +11,7 @@ from etils import epath
 import ml_collections
 
 from lepton_jax import adapters, data, generate, objectives, optim
+from lepton_jax.kernels import attention as attention_kernels
 from lepton_jax.model import attention, layers, transformer
 from lepton_jax.model.config import LORA_INITS, PruneConfig, QuantConfig
 from lepton_jax.model import config as model_fields
@@ -83,10 +84,15 @@ def model_config() -> ml_collections.ConfigDict:
       qk_norm=False,
       dropout=0.0,
       # xla: einsum + softmax; dot_product: jax.nn.dot_product_attention (picks cuDNN flash on
-      # GPU where it applies); cudnn: insist on the cuDNN kernel.
+      # GPU where it applies); cudnn: insist on the cuDNN kernel; splash: the TPU Pallas
+      # kernel; auto: splash on TPU, dot_product on GPU, xla on CPU (model/attention.py).
       attention='xla',
+      # splash: the kernel's query and key blocks (clamped to the sequence length;
+      # multiples of 128). MaxText's defaults; tune per TPU generation on the chip.
+      attention_block_q=512,
+      attention_block_kv=512,
       scan_layers=False,
-      remat='none',  # none | full | dots | dots_no_batch
+      remat='none',  # none | full | dots | dots_no_batch | dots_no_batch_attention
       param_dtype='float32',
       dtype='float32',  # compute dtype: activations and matmul inputs.
       # lm: next-token logits. classify: a `score` Dense [d_model, num_labels] on one hidden
@@ -458,6 +464,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.dropout and m.attention != 'xla':
     raise ValueError(f'config.model.dropout={m.dropout} needs config.model.attention="xla" '
                      f'(fused attention kernels have no attention dropout)')
+  lanes = attention_kernels.LANES
+  if m.attention_block_q % lanes or m.attention_block_kv % lanes or min(
+      m.attention_block_q, m.attention_block_kv) <= 0:
+    raise ValueError(f'config.model.attention_block_q={m.attention_block_q} and attention_block_kv='
+                     f'{m.attention_block_kv} must be positive multiples of {lanes}')
   if config.data.shuffle_window < 0:
     raise ValueError(f'config.data.shuffle_window={config.data.shuffle_window}: must be >= 0 '
                      '(0 keeps the packed order)')

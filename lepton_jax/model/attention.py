@@ -16,12 +16,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lepton_jax.kernels import attention as attention_kernels
 from lepton_jax.model import hooks, int8, layers
 from lepton_jax.model.config import ModelConfig
 
 # config.model.attention: xla = xla_attention below; dot_product = jax.nn.dot_product_attention,
-# which picks a fused kernel where the platform has one; cudnn = insist on cuDNN flash.
-IMPLEMENTATIONS = ('xla', 'dot_product', 'cudnn')
+# which picks a fused kernel where the platform has one; cudnn = insist on cuDNN flash; splash =
+# the TPU Pallas kernel (kernels/attention.py); auto = `resolve`'s pick for the platform.
+# The kernels serve the full-sequence path (training, evaluation, prefill); decoding runs XLA's.
+IMPLEMENTATIONS = ('xla', 'dot_product', 'cudnn', *attention_kernels.KERNELS, 'auto')
+# What 'auto' means per platform: splash on TPU, cuDNN through dot_product on GPU, XLA elsewhere.
+AUTO = {'tpu': 'splash', 'gpu': 'dot_product'}
+
+
+def resolve(implementation: str) -> str:
+  """The implementation that config.model.attention means for the platform being traced for."""
+  if implementation != 'auto':
+    return implementation
+  return AUTO.get(attention_kernels.target_platform(), 'xla')
 
 
 # config.model.rope_scaling: how the inverse frequencies are rescaled for long contexts.
@@ -211,23 +223,31 @@ class Attention(nn.Module):
     """
     cfg = self.cfg
     T = q_BTNH.shape[1]
+    implementation = resolve(cfg.attention)
+    if implementation in attention_kernels.KERNELS:
+      if T % attention_kernels.LANES == 0:
+        return attention_kernels.splash_attention(
+            q_BTNH, k_BTKH, v_BTKH, segment_ids_BT,
+            sliding_window=cfg.sliding_window, block_q=cfg.attention_block_q,
+            block_kv=cfg.attention_block_kv)
+      implementation = 'xla'  # The kernels tile T in whole blocks: a prompt of any length.
     if segment_ids_BT is not None:
       mask_BTT = causal_mask(T, T, cfg.sliding_window) & (
           segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-      if cfg.attention == 'cudnn':
+      if implementation == 'cudnn':
         raise ValueError("segment ids (packed examples) need config.model.attention 'xla' or "
                          "'dot_product': the cuDNN kernel takes no such mask")
-      if cfg.attention == 'dot_product':
+      if implementation == 'dot_product':
         return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_BTT[:, None])
       return xla_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTT, nn.Dropout(cfg.dropout),
                            deterministic, hook=hooks.bind(self))
-    if cfg.attention == 'xla':
+    if implementation == 'xla':
       return xla_attention(q_BTNH, k_BTKH, v_BTKH, causal_mask(T, T, cfg.sliding_window),
                            nn.Dropout(cfg.dropout), deterministic, hook=hooks.bind(self))
     window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
     return jax.nn.dot_product_attention(
         q_BTNH, k_BTKH, v_BTKH, is_causal=True, local_window_size=window,
-        implementation='cudnn' if cfg.attention == 'cudnn' else None)
+        implementation='cudnn' if implementation == 'cudnn' else None)
 
   def fill_cache(self, k_BTKH, v_BTKH, prefill: Prefill) -> None:
     """Creates this layer's cache from the prompts' keys and values (int8 with a scale per

@@ -336,6 +336,8 @@ class ModelConfig:
   num_labels: int = 0
   pool: str = 'last'
   pad_id: int = -1  # classify: the id that pads rows (-1 before the tokenizer resolves it).
+  attention_block_q: int = 512  # The splash kernel's blocks (config_lib.model_config).
+  attention_block_kv: int = 512
   lora: LoraConfig = LoraConfig()
   quant: QuantConfig = QuantConfig()
   prune: PruneConfig = PruneConfig()

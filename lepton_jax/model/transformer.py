@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lepton_jax.kernels import attention as attention_kernels
 from lepton_jax.model import attention, bottleneck, hooks, layers, prompt
 from lepton_jax.model.config import ModelConfig
 
@@ -17,6 +18,11 @@ REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # dots_no_batch, and the splash kernel's output and logsumexp, so that the backward pass
+    # does not run the kernel's forward again.
+    'dots_no_batch_attention': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names(attention_kernels.RESIDUAL_NAME)),
 }
 ACTIVATIONS = {
     'swiglu': nn.silu, 'geglu': lambda x: nn.gelu(x, approximate=True),
