@@ -6,12 +6,12 @@ The workdir may be local or on gs:// (etils.epath; TensorBoard through tensorboa
 import html
 import json
 import os
+import sys
 from typing import Mapping
 import uuid
 
 from etils import epath
 import ml_collections
-import tensorboardX
 import tqdm
 
 from lepton_jax import paths
@@ -114,10 +114,24 @@ class JsonLinesWriter:
     pass
 
 
+def import_tensorboardx():
+  """tensorboardX without torch: it imports torch whenever torch is installed (~2 s before a
+  run's first step) only to accept torch tensors, and lepton writes floats and text."""
+  if 'torch' in sys.modules:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    return tensorboardX
+  sys.modules['torch'] = None  # While tensorboardX imports, `import torch` raises ImportError.
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules['torch']
+  return tensorboardX
+
+
 class TensorBoardWriter:
 
   def __init__(self, directory: str):
-    self._tensorboard = tensorboardX.SummaryWriter(directory)
+    self._tensorboard = import_tensorboardx().SummaryWriter(directory)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     for key, value in scalars.items():
