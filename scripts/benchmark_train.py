@@ -14,13 +14,17 @@ batches, so data loading and logging are not measured. Prints one line of JSON w
 all-reduce across data-parallel devices, without clipping and the optimizer); `--part=fwd` the
 loss alone. MFU is reported for whole steps only.
 
-`--part=loop` runs lepton-train's loop itself (the config's data, logging every step) for
-`--steps` steps with each part of lepton_jax/monitor.py that can be switched on, and with all
-of them off, alternating `--repeats` times, and prints the median host seconds per step of each
-(perf/step_seconds, compilation, evaluation and checkpoints excluded) and what one record's
-memory figures cost, which every variant pays:
+`--part=loop` runs lepton-train's loop itself (the config's data, logging every step, monitoring
+off) for `--steps` steps and then the isolated step above for as many, alternating `--repeats`
+times, and prints the median seconds per step of each (the loop's perf/step_seconds:
+compilation, evaluation and checkpoints excluded) and `loop_overhead`, what the loop adds to the
+step (loop / step - 1). `--monitoring` adds a loop run with each part of lepton_jax/monitor.py
+that can be switched on, and one with all of them, and what one record's memory figures cost,
+which every variant pays:
 
-  python scripts/benchmark_train.py --config=configs/stdlib_tiny.py --part=loop --steps=30
+  python scripts/benchmark_train.py --config=configs/shakespeare_char.py \
+      --config.data.path=.../tinyshakespeare.txt --part=loop --steps=200 --repeats=3
+  python scripts/benchmark_train.py --config=configs/stdlib_tiny.py --part=loop --monitoring
 """
 import json
 import os
@@ -42,6 +46,7 @@ flags.DEFINE_integer('repeats', 5, 'Timed repeats; the median is reported.')
 flags.DEFINE_enum('part', 'step', ['step', 'fwd_bwd', 'fwd', 'loop'],
                   'What to time: the train step, only the loss and gradients, only the loss, or '
                   'the training loop with each monitoring part on and off.')
+flags.DEFINE_bool('monitoring', False, "--part=loop: also time each of monitor.py's parts on.")
 DEFAULT_WORKDIR = '/tmp/lepton_benchmark'  # Where a trained tokenizer is cached (vocab_size 0).
 
 
@@ -66,28 +71,40 @@ def monitoring_variants(steps_: int) -> dict[str, dict]:
 
 
 def time_loop(config) -> dict:
-  """Median perf/step_seconds of lepton-train's loop under each monitoring variant."""
+  """Median perf/step_seconds of lepton-train's loop under each monitoring variant, beside the
+  isolated step's seconds on the same config."""
   config = config_lib.override(config, {
       'total_steps': flags.FLAGS.steps, 'log_every_steps': 1, 'sample.num_tokens': 0,
       'eval_every_steps': 10 * flags.FLAGS.steps, 'checkpoint_every_steps': flags.FLAGS.steps})
   root = flags.FLAGS.workdir or tempfile.mkdtemp(prefix='lepton_loop_benchmark_')
   if config.data.tokenizer == 'sentencepiece' and not config.data.tokenizer_path:
     config.data.tokenizer_path = data.tokenizers.trained_model_path(config.data, root)  # Once.
-  seconds = {name: [] for name in monitoring_variants(flags.FLAGS.steps)}
+  variants = monitoring_variants(flags.FLAGS.steps)
+  if not flags.FLAGS.monitoring:
+    variants = {'off': variants['off']}
+  seconds = {name: [] for name in variants}
+  step = StepTimer(config, 'step')
+  step_seconds = []
   for repeat in range(flags.FLAGS.repeats):
-    for name, overrides in monitoring_variants(flags.FLAGS.steps).items():
+    for name, overrides in variants.items():
       workdir = os.path.join(root, f'{name}_{repeat}')
       train.train_and_evaluate(config_lib.override(config, overrides), workdir)
       with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
         records = [json.loads(line) for line in f]
       seconds[name] += [r['perf/step_seconds'] for r in records[2:] if 'perf/step_seconds' in r]
-  start = time.perf_counter()
-  for _ in range(1000):
-    monitor.memory_figures()
-  return {'part': 'loop', 'steps': flags.FLAGS.steps, 'repeats': flags.FLAGS.repeats,
-          'ms_per_step': {name: round(1000 * statistics.median(s), 3)
-                          for name, s in seconds.items()},
-          'memory_figures_ms_per_record': round(time.perf_counter() - start, 4)}
+    step_seconds.append(step.seconds_per_step(flags.FLAGS.steps))
+  loop_ms = {name: round(1000 * statistics.median(s), 3) for name, s in seconds.items()}
+  step_ms = 1000 * statistics.median(step_seconds)
+  report = {'part': 'loop', 'steps': flags.FLAGS.steps, 'repeats': flags.FLAGS.repeats,
+            'num_devices': jax.device_count(), 'ms_per_step': loop_ms,
+            'isolated_step_ms': round(step_ms, 3),
+            'loop_overhead': round(loop_ms['off'] / step_ms - 1, 4)}
+  if flags.FLAGS.monitoring:
+    start = time.perf_counter()
+    for _ in range(1000):
+      monitor.memory_figures()
+    report['memory_figures_ms_per_record'] = round(time.perf_counter() - start, 4)
+  return report
 
 
 def jit_part(part: str, model, config, layout: train_state.Layout, batch_sharding):
@@ -109,6 +126,51 @@ def jit_part(part: str, model, config, layout: train_state.Layout, batch_shardin
   return lambda state, frozen, batch: (state, jitted(state.trainable, frozen, batch))
 
 
+class StepTimer:
+  """The jitted `part` of the config's train step on a random token batch, compiled once."""
+
+  def __init__(self, config, part: str):
+    config = pretrained.resolve(config)  # A fine-tune times its base's shape (random weights).
+    self.model_config = ModelConfig.from_config(resolved_model_config(config), config.lora,
+                                                config.quant, config.prune, config.peft,
+                                                config.seed)
+    model = Transformer(self.model_config)
+    tx, schedule = experiment.make_optimizer(config)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = config.mesh.rules
+    self._mesh_context = lambda: sharding.use_mesh(mesh, rules)
+    with self._mesh_context():
+      layout = train_state.make_layout(model, tx, mesh, rules, config.seq_len,
+                                       adapters.trainable_patterns(config))
+      batch_sharding = sharding.batch_sharding(mesh, rules)
+      self._state, self._frozen = train_state.init_state(model, tx, config.seed, config.seq_len,
+                                                         layout)
+      if part == 'step':
+        self._step_fn = train_state.jit_train_step(model, tx, schedule, config, layout,
+                                                   batch_sharding, experiment.penalty(config))
+      else:
+        self._step_fn = jit_part(part, model, config, layout, batch_sharding)
+      rng = np.random.default_rng(0)
+      tokens = rng.integers(0, self.model_config.vocab_size,
+                            (config.batch_size, config.seq_len + 1), dtype=np.int32)
+      self._batch = jax.device_put({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]},
+                                   batch_sharding)
+      start = time.perf_counter()
+      self._run(1)
+      self.compile_seconds = time.perf_counter() - start
+
+  def _run(self, steps: int) -> None:
+    for _ in range(steps):
+      self._state, metrics = self._step_fn(self._state, self._frozen, self._batch)
+    jax.block_until_ready(metrics)
+
+  def seconds_per_step(self, steps: int) -> float:
+    with self._mesh_context():
+      start = time.perf_counter()
+      self._run(steps)
+      return (time.perf_counter() - start) / steps
+
+
 def main(argv):
   del argv
   cli.initialize_distributed()
@@ -117,49 +179,17 @@ def main(argv):
   if flags.FLAGS.part == 'loop':
     print(json.dumps(time_loop(config)))
     return
-  config = pretrained.resolve(config)  # A fine-tune times its base's shape (random weights).
-  model_config = ModelConfig.from_config(resolved_model_config(config), config.lora,
-                                         config.quant, config.prune, config.peft, config.seed)
-  model = Transformer(model_config)
-  tx, schedule = experiment.make_optimizer(config)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = config.mesh.rules
-
-  with sharding.use_mesh(mesh, rules):
-    layout = train_state.make_layout(model, tx, mesh, rules, config.seq_len,
-                                     adapters.trainable_patterns(config))
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    state, frozen = train_state.init_state(model, tx, config.seed, config.seq_len, layout)
-    if flags.FLAGS.part == 'step':
-      step_fn = train_state.jit_train_step(model, tx, schedule, config, layout, batch_sharding,
-                                           experiment.penalty(config))
-    else:
-      step_fn = jit_part(flags.FLAGS.part, model, config, layout, batch_sharding)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, model_config.vocab_size, (config.batch_size, config.seq_len + 1),
-                          dtype=np.int32)
-    batch = jax.device_put({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}, batch_sharding)
-
-    compile_start = time.perf_counter()
-    state, metrics = step_fn(state, frozen, batch)
-    jax.block_until_ready(metrics)
-    compile_seconds = time.perf_counter() - compile_start
-    step_seconds = []
-    for _ in range(flags.FLAGS.repeats):
-      start = time.perf_counter()
-      for _ in range(flags.FLAGS.steps):
-        state, metrics = step_fn(state, frozen, batch)
-      jax.block_until_ready(metrics)
-      step_seconds.append((time.perf_counter() - start) / flags.FLAGS.steps)
-
-  seconds = statistics.median(step_seconds)
+  timer = StepTimer(config, flags.FLAGS.part)
+  seconds = statistics.median(timer.seconds_per_step(flags.FLAGS.steps)
+                              for _ in range(flags.FLAGS.repeats))
+  model_config = timer.model_config
   tokens_per_sec = config.batch_size * config.seq_len / seconds
   flops_per_token = flops.train_flops_per_token(model_config, config.seq_len)
   peak = flops.peak_flops_per_device(model_config.dtype)
   print(json.dumps({
       'impl': 'lepton_jax', 'device': jax.devices()[0].device_kind,
       'num_devices': jax.device_count(), 'tokens_per_sec': round(tokens_per_sec, 1),
-      'ms_per_step': round(1000 * seconds, 3), 'compile_s': round(compile_seconds, 2),
+      'ms_per_step': round(1000 * seconds, 3), 'compile_s': round(timer.compile_seconds, 2),
       'model_tflops_per_sec_per_device': round(
           tokens_per_sec * flops_per_token / jax.device_count() / 1e12, 4),
       'peak_tflops_per_device': peak and round(peak / 1e12, 4),

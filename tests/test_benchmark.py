@@ -28,6 +28,20 @@ def test_benchmark_reports_each_part_on_two_devices(part):
   assert (report['mfu'] is not None) == (part == 'step')
 
 
+def test_loop_benchmark_reports_the_loops_overhead_over_the_isolated_step(tmp_path):
+  result = subprocess.run(
+      [sys.executable, 'scripts/benchmark_train.py', '--config=configs/shakespeare_char.py',
+       f'--config.data.path={REPO / "README.md"}', '--config.model.num_layers=1',
+       '--cpu_devices=2', '--part=loop', '--steps=4', '--repeats=1', f'--workdir={tmp_path}'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report['num_devices'] == 2 and list(report['ms_per_step']) == ['off']
+  assert report['isolated_step_ms'] > 0
+  assert report['loop_overhead'] == pytest.approx(
+      report['ms_per_step']['off'] / report['isolated_step_ms'] - 1, abs=1e-3)
+
+
 @pytest.mark.parametrize('streaming', [False, True])
 def test_data_benchmark_reports_tokens_per_second(tmp_path, streaming):
   result = subprocess.run(
