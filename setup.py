@@ -33,13 +33,15 @@ setuptools.setup(
                  'openai', 'requests', 'tenacity',  # tenacity: lm-eval's API models.
                  'peft==0.21.2',  # The reference PEFT adapters are checked against.
                  'datasketch==2.0.0', 'detect-secrets==1.5.0',  # data.filters.
+                 'datatrove==0.10.1', 'orjson',  # data.filters as DataTrove stages.
                  'scikit-learn==1.9.1',  # The reference for classification metrics.
                  'wandb==0.31.0'],  # config.wandb's offline run.
         'hf': ['transformers==5.24.0', 'safetensors', 'tokenizers', 'torch==2.13.0'],
         'notebook': ['matplotlib'],
         # config.data.filters (lepton_jax/data/filters.py): MinHash LSH for near_dedup, the
-        # secret detectors of pii; imported only by the filters that use them.
-        'data': ['datasketch==2.0.0', 'detect-secrets==1.5.0'],
+        # secret detectors of pii, imported only by the filters that use them; and DataTrove,
+        # which runs them over corpora larger than memory (lepton_jax/data/datatrove_pipeline.py).
+        'data': ['datasketch==2.0.0', 'detect-secrets==1.5.0', 'datatrove==0.10.1', 'orjson'],
         # lepton-lm-eval (the `lepton` model of lm-evaluation-harness), HumanEval's bundled
         # problems, the ablation runner's plots and scripts/classify_baseline.py's bag-of-words
         # logistic regression; imported only where they are used.

@@ -386,25 +386,39 @@ def _strings(value) -> list[str]:
   return [s for v in value for s in _strings(v)] if isinstance(value, list) else []
 
 
-def _decontaminate(texts: list[str], data_config) -> tuple[list[str], dict]:
-  dc = data_config.filters.decontaminate
-  grams = NGrams(dc.n, dc.tokens)
-  eval_grams = [grams(d) for d in evaluation_documents(data_config)]
-  eval_sizes = np.array([max(len(g), 1) for g in eval_grams])
-  eval_doc = np.repeat(np.arange(len(eval_grams)), [len(g) for g in eval_grams])
-  eval_hash = np.concatenate(eval_grams + [np.zeros(0, np.uint64)])
-  order = np.argsort(eval_hash, kind='stable')
-  eval_hash, eval_doc = eval_hash[order], eval_doc[order]
-  kept, contaminated, train_hashes = [], 0, []
-  for text in texts:
-    hashes = grams(text)
-    train_hashes.append(hashes)
-    # The rows of (eval n-gram, eval document) whose n-gram this document holds.
-    lo, hi = np.searchsorted(eval_hash, hashes, 'left'), np.searchsorted(eval_hash, hashes, 'right')
+class EvalNGrams:
+  """The evaluation documents' n-grams; `coverage(hashes)` is the share of each document's
+  n-grams that a text holding `hashes` (from `hash`) covers."""
+
+  def __init__(self, eval_documents: Sequence[str], n: int, tokens: str):
+    self.hash = NGrams(n, tokens)
+    self.eval_grams = [self.hash(d) for d in eval_documents]
+    self._sizes = np.array([max(len(g), 1) for g in self.eval_grams])
+    doc = np.repeat(np.arange(len(self.eval_grams)), [len(g) for g in self.eval_grams])
+    hashes = np.concatenate(self.eval_grams + [np.zeros(0, np.uint64)])
+    order = np.argsort(hashes, kind='stable')
+    self._hashes, self._doc = hashes[order], doc[order]
+
+  def coverage(self, hashes: np.ndarray) -> np.ndarray:
+    # The rows of (eval n-gram, eval document) whose n-gram the text holds.
+    lo = np.searchsorted(self._hashes, hashes, 'left')
+    hi = np.searchsorted(self._hashes, hashes, 'right')
     lengths = hi - lo
     rows = np.arange(lengths.sum()) + np.repeat(lo - np.cumsum(lengths) + lengths, lengths)
-    coverage = np.bincount(eval_doc[rows], minlength=len(eval_grams)) / eval_sizes
-    if len(eval_grams) and coverage.max() >= dc.threshold:
+    return np.bincount(self._doc[rows], minlength=len(self.eval_grams)) / self._sizes
+
+  def contaminates(self, hashes: np.ndarray, threshold: float) -> bool:
+    return bool(len(self.eval_grams)) and self.coverage(hashes).max() >= threshold
+
+
+def _decontaminate(texts: list[str], data_config) -> tuple[list[str], dict]:
+  dc = data_config.filters.decontaminate
+  index = EvalNGrams(evaluation_documents(data_config), dc.n, dc.tokens)
+  kept, contaminated, train_hashes = [], 0, []
+  for text in texts:
+    hashes = index.hash(text)
+    train_hashes.append(hashes)
+    if index.contaminates(hashes, dc.threshold):
       contaminated += 1
       if dc.action == 'report':
         kept.append(text)
@@ -412,9 +426,9 @@ def _decontaminate(texts: list[str], data_config) -> tuple[list[str], dict]:
       kept.append(text)
   train = np.unique(np.concatenate(train_hashes + [np.zeros(0, np.uint64)]))
   shares = [float(np.isin(g, train, assume_unique=True).mean()) if len(g) else 0.0
-            for g in eval_grams]
+            for g in index.eval_grams]
   return kept, {'details': {
-      'contaminated': contaminated, 'eval_documents': len(eval_grams),
+      'contaminated': contaminated, 'eval_documents': len(index.eval_grams),
       'eval_ngram_share_in_train': round(float(np.mean(shares)) if shares else 0.0, 4),
       'eval_documents_half_covered': int(sum(s >= 0.5 for s in shares))}}
 
