@@ -124,7 +124,11 @@ def base_config() -> ml_collections.ConfigDict:
   # dpo: the loss (sigmoid: DPO, ipo: IPO, robust: rDPO), its beta and label smoothing (cDPO
   # with sigmoid, rDPO's noise rate with robust), as TRL's DPOTrainer. The reference is the
   # starting policy: with LoRA the base with the adapters off, otherwise a frozen copy.
-  config.dpo = ml_collections.ConfigDict(dict(loss='sigmoid', beta=0.1, label_smoothing=0.0))
+  # precompute_ref_log_probs (TRL's name): run the reference once over the train and eval pairs
+  # before the first step (and at each resume) and feed its log-probs with the batches; a full
+  # model then keeps no frozen copy of its params (lepton_jax/dpo_reference.py).
+  config.dpo = ml_collections.ConfigDict(dict(loss='sigmoid', beta=0.1, label_smoothing=0.0,
+                                              precompute_ref_log_probs=False))
   config.log_every_steps = 10
   config.eval_every_steps = 200
   config.eval_batches = 8

@@ -182,6 +182,16 @@ def dpo_losses(chosen_B, rejected_B, reference_chosen_B, reference_rejected_B, *
   return loss_B, beta * chosen_ratio_B, beta * rejected_ratio_B
 
 
+def pair_logps(forward: Forward, batch: Batch, loss: str) -> jax.Array:
+  """The sequence log-probs [2B] of a preference batch's chosen rows, then its rejected rows,
+  run through `forward` as one [2B, T] batch (IPO's: averaged over each completion's tokens)."""
+  both = lambda key: jnp.concatenate([batch[f'chosen_{key}'], batch[f'rejected_{key}']])
+  loss_mask_BT = both('loss_mask')
+  if loss == 'ipo':  # IPO compares length-averaged log-probs (as TRL does).
+    loss_mask_BT = loss_mask_BT / jnp.maximum(loss_mask_BT.sum(-1, keepdims=True), 1.0)
+  return sequence_logps(forward(both('inputs'), both('positions')), both('targets'), loss_mask_BT)
+
+
 def preference(policy: Forward, frozen: Forward | None, batch: Batch, *, loss: str, beta: float,
                label_smoothing: float) -> tuple[jax.Array, Sums]:
   """dpo: the DPO loss of each pair the batch's 'mask' [B] counts.
@@ -189,19 +199,17 @@ def preference(policy: Forward, frozen: Forward | None, batch: Batch, *, loss: s
   The batch holds chosen_ and rejected_ inputs, targets, positions and loss_mask [B, T] (the
   completion's targets, its eos included); both run through the model as one [2B, T] batch. The
   reference's log-probs are the batch's 'reference_chosen_logps' / '_rejected_logps' [B] when it
-  carries them (precomputed), the frozen model's otherwise.
+  carries them (precomputed, lepton_jax/dpo_reference.py), the frozen model's otherwise.
   """
-  both = lambda key: jnp.concatenate([batch[f'chosen_{key}'], batch[f'rejected_{key}']])
-  inputs_BT, positions_BT = both('inputs'), both('positions')
-  targets_BT, loss_mask_BT = both('targets'), both('loss_mask')
-  if loss == 'ipo':  # IPO compares length-averaged log-probs (as TRL does).
-    loss_mask_BT = loss_mask_BT / jnp.maximum(loss_mask_BT.sum(-1, keepdims=True), 1.0)
-  logps_B = sequence_logps(policy(inputs_BT, positions_BT), targets_BT, loss_mask_BT)
+  logps_B = pair_logps(policy, batch, loss)
   if 'reference_chosen_logps' in batch:
     reference_B = jnp.concatenate([batch['reference_chosen_logps'],
                                    batch['reference_rejected_logps']])
+  elif frozen is None:
+    raise ValueError('config.dpo.precompute_ref_log_probs=True, but this batch carries no '
+                     "'reference_chosen_logps': build its data with dpo_reference.precompute")
   else:
-    reference_B = sequence_logps(frozen(inputs_BT, positions_BT), targets_BT, loss_mask_BT)
+    reference_B = pair_logps(frozen, batch, loss)
   reference_B = jax.lax.stop_gradient(reference_B)
   chosen_B, rejected_B = jnp.split(logps_B, 2)
   loss_B, chosen_reward_B, rejected_reward_B = dpo_losses(
@@ -220,17 +228,28 @@ def preference(policy: Forward, frozen: Forward | None, batch: Batch, *, loss: s
 REFERENCE = 'reference'  # The frozen collection holding DPO's reference when the model trains.
 
 
-def dpo(model, loss: str = 'sigmoid', beta: float = 0.1, label_smoothing: float = 0.0) -> Objective:
-  """DPO against a frozen reference: the starting policy. With LoRA adapters that is the same
-  base with the adapters switched off (the model applied without its lora config reads the same
-  variables, so nothing is copied); otherwise a copy of the starting params, kept in the frozen
-  collection REFERENCE."""
-  settings = functools.partial(preference, loss=loss, beta=beta, label_smoothing=label_smoothing)
+def reference_model(model):
+  """The model DPO's reference runs as: with LoRA adapters, the same Transformer without them
+  (applied to the same variables, it reads only the base); otherwise `model` itself."""
   cfg = model.cfg
   if cfg.lora.enabled:
-    base = type(model)(dataclasses.replace(cfg, lora=type(cfg.lora)()))
+    return type(model)(dataclasses.replace(cfg, lora=type(cfg.lora)()))
+  return model
+
+
+def dpo(model, loss: str = 'sigmoid', beta: float = 0.1, label_smoothing: float = 0.0,
+        precompute_ref_log_probs: bool = False) -> Objective:
+  """DPO against a frozen reference: the starting policy. With LoRA adapters that is the same
+  base with the adapters switched off (reference_model: nothing is copied); otherwise a copy of
+  the starting params, kept in the frozen collection REFERENCE, unless the reference log-probs
+  are precomputed into the batches (`precompute_ref_log_probs`): then no copy is kept."""
+  settings = functools.partial(preference, loss=loss, beta=beta, label_smoothing=label_smoothing)
+  if model.cfg.lora.enabled:
+    base = reference_model(model)
     frozen_model = lambda variables: _forward(base, jax.lax.stop_gradient(variables))
     return Objective(settings, 'pairs', DPO_METRICS, frozen_model)
+  if precompute_ref_log_probs:
+    return Objective(settings, 'pairs', DPO_METRICS)
   frozen_model = lambda variables: _forward(model, jax.lax.stop_gradient(
       {'params': variables[REFERENCE], **{k: v for k, v in variables.items()
                                           if k not in ('params', REFERENCE)}}))
@@ -257,5 +276,6 @@ def from_config(config: ml_collections.ConfigDict, model) -> Objective:
   if config.objective == 'classify':
     return classify()
   if config.objective == 'dpo':
-    return dpo(model, config.dpo.loss, config.dpo.beta, config.dpo.label_smoothing)
+    d = config.dpo
+    return dpo(model, d.loss, d.beta, d.label_smoothing, d.precompute_ref_log_probs)
   raise ValueError(f'config.objective={config.objective!r}: no such objective')

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from lepton_jax import checkpoint, cli, config_lib, data, distill, distributed, evals, experiment
-from lepton_jax import adalora, flops
+from lepton_jax import adalora, dpo_reference, flops
 from lepton_jax import metrics, monitor, objectives, pretrained, sample, sharding, train_state
 
 
@@ -124,13 +124,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sample.check_fits(run.model_config, tokenizer, config.sample)
   tx, schedule = experiment.make_optimizer(config)
 
-  train_iter = data.make_train_iterator(config, tokenizer, jax.process_index(),
-                                        jax.process_count())
-  if config.data.filters.steps and is_coordinator:
-    data.filters.write_report(config.data, workdir)
-  # The validation loss and config.evals; task files are read and data tokenized here, before
-  # the first step.
-  evaluators = evals.build(config, model, tokenizer, mesh, rules)
   peak_flops = flops.peak_flops_per_device(run.model_config.dtype)
 
   with sharding.use_mesh(mesh, rules):
@@ -141,16 +134,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                 run.model_config.tie_embeddings)
     flops_per_token = flops.train_flops_per_token(run.model_config, config.seq_len, frozen_matmuls)
     batch_sharding = sharding.batch_sharding(mesh, rules)
+    latest = checkpointer.latest_step()
+    precompute = config.objective == 'dpo' and config.dpo.precompute_ref_log_probs
+    start_from = None
+    if config.init_from and (latest is None or precompute):
+      logging.info('Starting from %s', config.init_from)
+      start_from = pretrained.load_variables(
+          config, model, checkpoint.abstract_like(layout.variables, layout.variable_shardings))
+    reference_logps = None  # DPO's reference log-probs, once (a resumed run's: the same again).
+    if precompute:
+      reference_logps = dpo_reference.precompute(
+          model, train_state.start_variables(model, config.seed, config.seq_len, layout,
+                                             start_from),
+          config.dpo.loss, config.batch_size, mesh, rules)
+    train_iter = data.make_train_iterator(config, tokenizer, jax.process_index(),
+                                          jax.process_count(), reference_logps)
+    if config.data.filters.steps and is_coordinator:
+      data.filters.write_report(config.data, workdir)
+    # The validation loss and config.evals; task files are read and data tokenized here, before
+    # the first step.
+    evaluators = evals.build(config, model, tokenizer, mesh, rules,
+                             reference_logps=reference_logps)
+    del reference_logps  # It holds the starting variables; a resumed run needs them no more.
+    start_from = start_from if latest is None else None
     teacher = None  # The frozen teacher the step reads besides the run's variables.
     if config.objective == 'distill':
       teacher = distill.load(config, tokenizer, run.model_config, mesh, rules)
-    latest = checkpointer.latest_step()
     if latest is None:
-      start_from = None
-      if config.init_from:
-        logging.info('Starting from %s', config.init_from)
-        start_from = pretrained.load_variables(
-            config, model, checkpoint.abstract_like(layout.variables, layout.variable_shardings))
       state, frozen = train_state.init_state(model, tx, config.seed, config.seq_len, layout,
                                              start_from)
       frozen_from = checkpointer.save_frozen(frozen, config.init_from, start_from)

@@ -120,6 +120,29 @@ def make_layout(model: nn.Module, tx: optax.GradientTransformation, mesh, rules,
 ONCE_CPU_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 
 
+def _initial_variables(model: nn.Module, params_key: jax.Array, seq_len: int, layout: Layout,
+                       given: dict) -> dict:
+  """The whole variables dict a fresh run starts from: `given` (trained weights, maybe a subset)
+  where given, the model's random init elsewhere."""
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  if given:
+    # What `given` lacks (a LoRA run's new adapters) is created by its initializer with the
+    # given variables in place, so DoRA's magnitudes are the norms of the loaded kernels.
+    _, variables = model.apply(given, tokens, rngs={'params': params_key},
+                               mutable=list(layout.variables))
+  else:
+    variables = model.init(params_key, tokens)
+  return nn.unbox(variables)
+
+
+def _jit_once(fn, layout: Layout, given: dict, out_shardings):
+  """`fn(given)` jitted into `out_shardings`, compiled as a program that runs once."""
+  on_cpu = layout.state_shardings.step.mesh.devices.flat[0].platform == 'cpu'
+  return jax.jit(fn, in_shardings=(tree.select(layout.variable_shardings, given),),
+                 out_shardings=out_shardings,
+                 compiler_options=ONCE_CPU_COMPILER_OPTIONS if on_cpu else None)(given)
+
+
 def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, seq_len: int,
                layout: Layout, variables: dict | None = None) -> tuple[TrainState, dict]:
   """A fresh (TrainState, frozen variables), initialised under jit straight into their shardings
@@ -127,18 +150,9 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, se
   shardings, for any subset of the model's variables: a base without its new adapters) replace
   the random init where given."""
   params_key, dropout_key = jax.random.split(jax.random.key(seed))
-  given = variables or {}
 
   def init(given):
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    if given:
-      # What `given` lacks (a LoRA run's new adapters) is created by its initializer with the
-      # given variables in place, so DoRA's magnitudes are the norms of the loaded kernels.
-      _, variables = model.apply(given, tokens, rngs={'params': params_key},
-                                 mutable=list(layout.variables))
-    else:
-      variables = model.init(params_key, tokens)
-    variables = nn.unbox(variables)
+    variables = _initial_variables(model, params_key, seq_len, layout, given)
     trainable, frozen = layout.split(variables)
     if layout.params_copy:
       frozen[layout.params_copy] = jax.tree.map(jnp.copy, variables['params'])
@@ -146,10 +160,18 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, se
                        rng=jax.random.key_data(dropout_key), masks=variables.get(MASKS))
     return state, frozen
 
-  on_cpu = layout.state_shardings.step.mesh.devices.flat[0].platform == 'cpu'
-  return jax.jit(init, in_shardings=(tree.select(layout.variable_shardings, given),),
-                 out_shardings=(layout.state_shardings, layout.frozen_shardings),
-                 compiler_options=ONCE_CPU_COMPILER_OPTIONS if on_cpu else None)(given)
+  return _jit_once(init, layout, variables or {},
+                   (layout.state_shardings, layout.frozen_shardings))
+
+
+def start_variables(model: nn.Module, seed: int, seq_len: int, layout: Layout,
+                    variables: dict | None = None) -> dict:
+  """The variables init_state starts the same run from, without an optimizer state: what a
+  resumed run rebuilds its starting policy from (DPO's reference). The same program on every
+  start, so the same values at every resume."""
+  params_key, _ = jax.random.split(jax.random.key(seed))
+  init = lambda given: _initial_variables(model, params_key, seq_len, layout, given)
+  return _jit_once(init, layout, variables or {}, layout.variable_shardings)
 
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from lepton_jax import config_lib, lora, objectives, sharding, train, train_state
+from lepton_jax import config_lib, dpo_reference, lora, objectives, sharding, train, train_state
 from lepton_jax.data import formats, packing, pipeline, tokenizers
 from lepton_jax.model import ModelConfig, Transformer
 from tests.conftest import read_metrics, tiny_config
@@ -166,6 +166,64 @@ def test_a_dpo_run_widens_the_margin_and_resumes_exactly(tmp_path, monkeypatch, 
   assert last['eval/rewards/margins'] > straight[5]['eval/rewards/margins'] > 0
   assert {'eval/logps/chosen', 'eval/logps/rejected', 'eval/rewards/chosen',
           'eval/rewards/rejected'} <= last.keys()
+
+
+@pytest.mark.parametrize('loss,lora_targets', [('sigmoid', ()), ('ipo', ('q', 'v'))])
+def test_precomputed_reference_log_probs_give_the_on_the_fly_step(tmp_path, loss, lora_targets):
+  config = dpo_config(tmp_path, **{'dpo.loss': loss, 'lora.targets': lora_targets})
+  cfg = ModelConfig.from_config(config_lib.resolve_vocab(config.model, tokenizers.ByteTokenizer()),
+                                config.lora)
+  model = Transformer(cfg)
+  variables = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 24), jnp.int32)))
+  # The policy moved away from where it started (its reference): the adapters, or every param.
+  trained = {'params': jax.tree_util.tree_map_with_path(
+      lambda path, x: x + 0.3 if 'lora_b' in jax.tree_util.keystr(path) or not lora_targets
+      else x, variables['params'])}
+  mesh = sharding.make_mesh(config.mesh)
+  with sharding.use_mesh(mesh, config.mesh.rules):
+    log_probs = dpo_reference.precompute(model, variables, loss, 8, mesh, config.mesh.rules)
+  batch = next(pipeline.make_train_iterator(config, tokenizers.ByteTokenizer(), 0, 1, log_probs))
+  assert batch['reference_chosen_logps'].shape == batch['reference_rejected_logps'].shape == (8,)
+  on_the_fly = objectives.from_config(config, model)
+  config.dpo.precompute_ref_log_probs = True
+  precomputed = objectives.from_config(config, model)
+  frozen = trained if lora_targets else {**trained, objectives.REFERENCE: variables['params']}
+  policy = lambda tokens, positions=None, segments=None: model.apply(trained, tokens, positions)
+  without_reference = {k: jnp.asarray(v) for k, v in batch.items()
+                       if not k.startswith('reference_')}
+  reference_loss, reference_sums = on_the_fly.loss(policy, on_the_fly.frozen_model(frozen),
+                                                   without_reference)
+  loss_sum, sums = precomputed.loss(policy, None, {k: jnp.asarray(v) for k, v in batch.items()})
+  # Log-probs near -60 in float32, from a jitted pass against op-by-op ones: a few ulps apart.
+  np.testing.assert_allclose(loss_sum, reference_loss, rtol=1e-6)
+  for key in objectives.DPO_METRICS:
+    np.testing.assert_allclose(sums[key], reference_sums[key], rtol=1e-6, atol=1e-5, err_msg=key)
+  assert float(reference_sums['rewards/margins']) != 0.0  # The policy differs from its reference.
+  with pytest.raises(ValueError, match='precompute_ref_log_probs=True, but this batch carries no'):
+    precomputed.loss(policy, None, without_reference)
+
+
+def test_a_precomputed_reference_keeps_no_copy_and_the_run_resumes_exactly(tmp_path, monkeypatch):
+  config = dpo_config(tmp_path, total_steps=6, checkpoint_every_steps=100, eval_every_steps=3,
+                      **{'optimizer.learning_rate': 1e-2, 'dpo.precompute_ref_log_probs': True})
+  trainable, frozen, params, collections = layout_bytes(config)
+  assert trainable == params and frozen == 0 and not collections  # No reference copy.
+  interrupted = str(tmp_path / 'interrupted')
+  monkeypatch.setattr(train.PreemptionWatch, 'reached', lambda self, step: step == 4)
+  train.train_and_evaluate(config, interrupted)
+  assert not os.path.exists(os.path.join(interrupted, 'frozen'))
+  monkeypatch.undo()
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  train.train_and_evaluate(config, interrupted)  # Recomputes the reference from the start.
+  straight, resumed = read_metrics(tmp_path / 'straight'), read_metrics(interrupted)
+  assert [r['step'] for r in resumed] == list(range(1, 7))
+  for a, b in zip(straight, resumed):
+    assert a['train/loss'] == b['train/loss'], a['step']
+    assert a.get('eval/rewards/margins') == b.get('eval/rewards/margins')
+  # The first step's policy is its reference, whose log-probs another program computed.
+  assert straight[0]['train/rewards/margins'] == pytest.approx(0.0, abs=1e-5)
+  assert straight[0]['train/loss'] == pytest.approx(np.log(2), rel=1e-5)
+  assert straight[-1]['eval/rewards/margins'] > straight[2]['eval/rewards/margins'] > 0
 
 
 def test_dpo_batches_hold_pairs_and_bad_pairs_name_their_line(tmp_path):

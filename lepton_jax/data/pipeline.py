@@ -21,7 +21,7 @@ packed into rows once (data/packing.py); training visits those rows in the same 
 shuffle, so resuming is exact in the same way. Their batches add 'positions' (restarting per
 example) and, when packed, 'segment_ids'; 'mask' holds the targets config.objective trains on.
 """
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import time
 
 from absl import logging
@@ -35,6 +35,8 @@ from lepton_jax.data import sources
 from lepton_jax.data import tokenizers
 
 Batch = dict[str, np.ndarray]
+# Preference columns of a split -> more columns (DPO's reference log-probs, dpo_reference.py).
+ColumnsFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 def _token_dtype(tokenizer: tokenizers.Tokenizer):
@@ -101,10 +103,13 @@ def _rows_to_batch(rows_RL: np.ndarray) -> Batch:
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
-                        process_index: int, process_count: int) -> grain.DatasetIterator:
+                        process_index: int, process_count: int,
+                        reference_logps: ColumnsFn | None = None) -> grain.DatasetIterator:
   """Endless shuffled batches of this process's share: {'inputs', 'targets'}: int32[B_local, T].
 
   The iterator's get_state() / set_state() save and restore its position (a small JSON dict).
+  `reference_logps(columns) -> columns` (dpo_reference.precompute) adds DPO's reference
+  log-probs to each preference pair.
   """
   local_batch_size = _local_batch_size(config.batch_size, process_index, process_count)
   if config.data.streaming:
@@ -112,7 +117,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: tokenizers
                                                      process_count, local_batch_size)))
   seq_len = config.seq_len
   if config.data.source == 'jsonl':
-    rows = _task_rows(config, tokenizer, 'train')
+    rows = _task_rows(config, tokenizer, 'train', reference_logps)
     num_rows, rows_to_batch = _num_rows(rows), lambda row_ids: _task_batch(config, rows, row_ids)
   else:
     tokens = _tokenize_split(config.data, 'train', tokenizer)
@@ -137,12 +142,14 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: tokenizers
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
 
 
-def _task_rows(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
-               split: str) -> packing.Rows | dict[str, np.ndarray]:
+def _task_rows(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer, split: str,
+               reference_logps: ColumnsFn | None = None) -> packing.Rows | dict[str, np.ndarray]:
   """The records of `split`, tokenized and packed (or padded) into rows of seq_len pairs; for
-  classification and preference records, arrays with a row per record (_record_columns)."""
+  classification and preference records, arrays with a row per record (_record_columns), and
+  the columns `reference_logps` computes from those."""
   if config.data.format in ('classification', 'preference'):
-    return _record_columns(config, tokenizer, split)
+    columns = _record_columns(config, tokenizer, split)
+    return dict(columns, **reference_logps(columns)) if reference_logps else columns
   start = time.time()
   examples = [formats.encode(record, config.data.format, tokenizer)
               for record in formats.load_records(config.data, split)]
@@ -266,16 +273,17 @@ def _with_tuple_slices(state):
 
 
 def make_eval_batches(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
-                      process_index: int, process_count: int) -> list[Batch]:
+                      process_index: int, process_count: int,
+                      reference_logps: ColumnsFn | None = None) -> list[Batch]:
   """The first eval_batches batches of the eval split, in order, with a float32 'mask'.
 
   A short split gives fewer batches, never none: the last one is padded with mask 0. Only the
-  documents these batches need are tokenized.
+  documents these batches need are tokenized. `reference_logps`: as make_train_iterator's.
   """
   local_batch_size = _local_batch_size(config.batch_size, process_index, process_count)
   seq_len, batch_size = config.seq_len, config.batch_size
   if config.data.source == 'jsonl':
-    rows = _task_rows(config, tokenizer, 'eval')
+    rows = _task_rows(config, tokenizer, 'eval', reference_logps)
     num_batches = max(1, min(config.eval_batches, -(-_num_rows(rows) // batch_size)))
     row_ids = np.arange(num_batches * batch_size)
     row_ids = np.where(row_ids < _num_rows(rows), row_ids, -1).reshape(num_batches, batch_size)

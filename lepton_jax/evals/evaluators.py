@@ -137,10 +137,11 @@ def check_spec(name: str, spec: dict) -> None:
 
 
 def build(config: ml_collections.ConfigDict, model, tokenizer, mesh: jax.sharding.Mesh, rules,
-          specs: dict | None = None) -> list[Evaluator]:
-  """The default evaluator and one per entry of `config.evals` (and of `specs`, if given)."""
+          specs: dict | None = None, reference_logps=None) -> list[Evaluator]:
+  """The default evaluator and one per entry of `config.evals` (and of `specs`, if given);
+  `reference_logps`: a dpo run's precomputed reference (objective.ObjectiveEval)."""
   ctx = Context(config, model, tokenizer, mesh, tuple(rules))
-  default = (objective.ObjectiveEval(config, tokenizer, model, mesh, rules)
+  default = (objective.ObjectiveEval(config, tokenizer, model, mesh, rules, reference_logps)
              if config.objective in objective.OBJECTIVES else _language_model({}, ctx))
   evaluators = [Evaluator('', config.eval_every_steps, default)]
   for name, spec in {**config.evals.to_dict(), **(specs or {})}.items():

@@ -53,15 +53,17 @@ def plot_confusion(confusion_CC: np.ndarray, labels, path: str) -> None:
 
 
 class ObjectiveEval:
-  """Evaluates `config.objective` on the eval split of `config.data`."""
+  """Evaluates `config.objective` on the eval split of `config.data` (with DPO's reference
+  log-probs from `reference_logps`, dpo_reference.precompute, when given)."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: data.Tokenizer, model,
-               mesh: jax.sharding.Mesh, rules):
+               mesh: jax.sharding.Mesh, rules, reference_logps=None):
     self.objective = objectives.from_config(config, model)
     rows = config.batch_size // jax.process_count()
     first = jax.process_index() * rows
     self._batches = [{k: v[first:first + rows] for k, v in batch.items()}
-                     for batch in data.make_eval_batches(config, tokenizer, 0, 1)]
+                     for batch in data.make_eval_batches(config, tokenizer, 0, 1,
+                                                            reference_logps)]
     self._batch_sharding = sharding.batch_sharding(mesh, rules)
     self._eval_fn = jax.jit(functools.partial(steps.eval_step, model=model,
                                               objective=self.objective),
