@@ -38,25 +38,27 @@ def prompt_ids(tokenizer: tokenizers.Tokenizer, question: str, fmt: str) -> list
   return tokenizers.document_start(tokenizer) + tokenizer.encode(question)
 
 
-def greedy_answers(model, variables, tokenizer: tokenizers.Tokenizer, questions: Sequence[str],
-                   fmt: str, max_new_tokens: int, batch: int = 128) -> list[str]:
-  """Each question's greedy answer, up to its first stop token (the tokenizer's eos ids)."""
-  answers = []
+def answers(model, variables, tokenizer: tokenizers.Tokenizer, questions: Sequence[str],
+            fmt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+            batch: int = 128) -> list[str]:
+  """Each question's answer, greedy by default, up to its first stop token (the tokenizer's
+  eos ids), stripped; a sampled one drawn from `seed` and the question's place in its batch."""
+  texts = []
   for start in range(0, len(questions), batch):
     prompts = [prompt_ids(tokenizer, q, fmt) for q in questions[start:start + batch]]
-    new = generate.generate(model, variables, prompts, max_new_tokens,
-                            stop_ids=tokenizer.eos_ids)
-    answers += [tokenizer.decode(tokens).strip() for tokens in new]
-  return answers
+    new = generate.generate(model, variables, prompts, max_new_tokens, temperature,
+                            seed=seed + start, stop_ids=tokenizer.eos_ids)
+    texts += [tokenizer.decode(tokens).strip() for tokens in new]
+  return texts
 
 
-def accuracies(records: Sequence[dict], answers: Sequence[str],
+def accuracies(records: Sequence[dict], given: Sequence[str],
                score: Callable[[str, dict], float]) -> dict[str, float]:
-  """Per task, the share of answers `score(answer, item)` rates 1 (correct: reasoning-gym gives
-  a wrong answer 0, or 0.01 and other partial credit for some tasks), and the mean of those
-  over tasks ('all')."""
+  """Per task, the share of the `given` answers that `score(answer, item)` rates 1 (correct:
+  reasoning-gym gives a wrong answer 0, or 0.01 and other partial credit for some tasks), and
+  the mean of those over tasks ('all')."""
   scores = {}
-  for record, answer in zip(records, answers, strict=True):
+  for record, answer in zip(records, given, strict=True):
     scores.setdefault(record['task'], []).append(score(answer, record['item']) == 1.0)
   result = {task: float(np.mean(values)) for task, values in scores.items()}
   result['all'] = float(np.mean(list(result.values())))
@@ -79,12 +81,12 @@ def main(argv):
     with sharding.use_mesh(sharding.make_mesh(config.mesh), config.mesh.rules):
       for split in SPLITS:
         records = read(pathlib.Path(f.data_dir) / f'{split}.jsonl')
-        answers = greedy_answers(model, variables, tokenizer, [r['prompt'] for r in records],
-                                 f.format, f.max_new_tokens)
-        results[split] = accuracies(records, answers, score)
+        greedy = answers(model, variables, tokenizer, [r['prompt'] for r in records], f.format,
+                         f.max_new_tokens)
+        results[split] = accuracies(records, greedy, score)
         firsts = {r['task']: i for i, r in reversed(list(enumerate(records)))}
         results[f'{split}_answers'] = [  # One per task: what the numbers stand for.
-            {'prompt': records[i]['prompt'], 'answer': answers[i],
+            {'prompt': records[i]['prompt'], 'answer': greedy[i],
              'expected': records[i]['item']['answer']} for i in firsts.values()]
   if f.out:
     pathlib.Path(f.out).write_text(json.dumps(results, indent=2))

@@ -21,7 +21,8 @@ CONFIG_ARGS = {'finetune_hf': '/path/to/hf_dir', 'lora_hf': '/path/to/hf_dir',
                'dpo_hf': '/path/to/hf_dir',
                'lora_stdlib': '/path/to/workdir', 'lora_adapt': '/path/to/workdir',
                'classify_stdlib': '/path/to/workdir,TASK_DIR',
-               'sft_reasoning': '/path/to/workdir,TASK_DIR'}
+               'sft_reasoning': '/path/to/workdir,TASK_DIR',
+               'dpo_reasoning': '/path/to/workdir,TASK_DIR'}
 
 
 @pytest.mark.parametrize('name', CONFIG_NAMES)

@@ -93,3 +93,23 @@ def test_reasoning_gym_items_score_their_own_answers_and_held_out_operands_are_l
   words = lambda split: [len(r['item']['answer']) for r in splits[split]
                          if r['task'] == 'spell_backward']
   assert max(words('train')) <= 5 < 7 <= min(words('test_ood'))
+
+
+def test_dpo_pairs_reject_a_wrong_answer_and_held_out_questions_are_the_eval_split(tmp_path):
+  import reasoning_pairs  # pylint: disable=g-import-not-at-top
+  assert [reasoning_pairs.perturbed(a) for a in ('41', '-3', 'olleh', 'aa')] == [
+      '42', '-2', 'loleh', 'aaax']
+  item = {'question': '2 + 2 =', 'answer': '4'}
+  assert reasoning_pairs.pair(item, '5', correct=False)['rejected'] == ' 5'
+  assert reasoning_pairs.pair(item, '4', correct=True)['rejected'] == ' 5'
+  assert reasoning_pairs.pair(item, '', correct=False)['rejected'] == ' 5'
+  candidates = [(reasoning_pairs.pair({'question': f'{i} + 1 =', 'answer': str(i + 1)}, '0',
+                                      False), i % 3 == 0) for i in range(60)]
+  kept = [(r, held_out) for r, held_out in candidates if reasoning_pairs.keep(r, held_out, 0.5)]
+  path = tmp_path / 'pairs.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r, _ in kept))
+  data = config_lib.base_config().data
+  data.update(source='jsonl', format='preference', path=str(path), val_fraction=0.5)
+  evaluated = [r.fields['prompt'] for r in formats.load_records(data, 'eval')]
+  assert evaluated == [r['prompt'] for r, held_out in kept if held_out] and evaluated
+  assert len(formats.load_records(data, 'train')) == sum(not h for _, h in kept) > 0
