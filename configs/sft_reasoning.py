@@ -25,19 +25,19 @@ def get_config(arg=None):
   config = config_lib.base_config()
   config.init_from = f'workdir:{run}'
   config.objective = 'sft'
-  config.total_steps = 150
+  config.total_steps = 300  # About 2 epochs of the 7342 records' 2165 rows.
   config.batch_size = 16
   config.seq_len = 128  # The default run's window: four or five questions per row.
   config.log_every_steps = 10
-  config.eval_every_steps = 150
+  config.eval_every_steps = 300
   config.eval_batches = 8
-  config.checkpoint_every_steps = 150
+  config.checkpoint_every_steps = 300
   config.keep_checkpoints = 1
   config.data.update(source='jsonl', format='prompt_completion',
                      path=str(pathlib.Path(data_dir) / 'train.jsonl'), val_fraction=0.02,
                      packing=True, truncate='right')
   config.lora.update(rank=16, alpha=32.0)  # Used when lora.targets names modules.
-  config.optimizer.update(learning_rate=1e-3, schedule='cosine', warmup_steps=15,
+  config.optimizer.update(learning_rate=3e-3, schedule='cosine', warmup_steps=15,
                           weight_decay=0.0)
   config.sample.num_tokens = 0
   return config

@@ -61,9 +61,9 @@ def main(argv):
     import reasoning_gym  # pylint: disable=g-import-not-at-top  (the tasks extra)
     data_dir = pathlib.Path(f.data_dir)
     # The training items are rebuilt from their seeds; the held-out ones are in test_id.jsonl.
-    splits = reasoning_tasks.make_splits(reasoning_gym.create_dataset,
-                                         reasoning_tasks.flags.FLAGS.train_size,
-                                         reasoning_tasks.flags.FLAGS.test_size)
+    # --train_size and --test_size are reasoning_tasks.py's flags: give the ones it wrote with.
+    splits = reasoning_tasks.make_splits(reasoning_gym.create_dataset, f.train_size,
+                                         f.test_size)
     written = {json.loads(line)['prompt'] for line in
                (data_dir / 'train.jsonl').read_text(encoding='utf-8').splitlines()}
     if {r['item']['question'] for r in splits['train']} != written:
@@ -76,8 +76,7 @@ def main(argv):
     with sharding.use_mesh(sharding.make_mesh(config.mesh), config.mesh.rules):
       answers = reasoning_accuracy.answers(
           model, variables, tokenizer, [item['question'] for item, _ in questions],
-          'prompt_completion', reasoning_accuracy.flags.FLAGS.max_new_tokens, temperature=1.0,
-          seed=f.seed)
+          'prompt_completion', f.max_new_tokens, temperature=1.0, seed=f.seed)
     score = lambda answer, item: reasoning_gym.get_score_answer_fn(
         item['metadata']['source_dataset'])(answer, item) == 1.0
     records, sampled_wrong = [], 0
