@@ -303,6 +303,10 @@ def base_config() -> ml_collections.ConfigDict:
       # example, positions restart); False: one example per row, padded to seq_len.
       packing=True,
       truncate='right',  # jsonl: which end of an example longer than seq_len + 1 is cut (counted).
+      # Language-model rows (windows of the document stream): attention stays within a document
+      # and positions restart after every eos (segment ids, as packed task rows have). Off:
+      # a row attends across the documents it holds. On CPU it costs (docs/benchmarks.md).
+      document_masking=False,
       # Cleaning of the train split, as it is read: steps=('exact_dedup', 'near_dedup',
       # 'decontaminate', 'pii', 'quality') in any order and subset; each one's options beside.
       filters=data.filters.default_config(),
@@ -526,6 +530,14 @@ def validate_monitoring(config: ml_collections.ConfigDict) -> None:
 def validate_task_data(config: ml_collections.ConfigDict) -> None:
   """config.objective against the data it trains on (data.source='jsonl', data.format)."""
   d = config.data
+  document_masking = d.get('document_masking', False)  # A run config from before the key.
+  if document_masking and d.source == 'jsonl':
+    raise ValueError("config.data.document_masking=True is for language-model text; jsonl task "
+                     "records keep examples apart with config.data.packing")
+  if document_masking and config.model.attention == 'cudnn':
+    raise ValueError("config.data.document_masking=True needs segment ids in attention, which "
+                     "config.model.attention='cudnn' cannot take; use 'xla', 'dot_product', "
+                     "'splash' or 'auto'")
   if config.objective == 'sft' and d.source != 'jsonl':
     raise ValueError(f"config.objective='sft' trains on the loss tokens of task records: set "
                      f"config.data.source='jsonl' (got {d.source!r})")

@@ -38,6 +38,7 @@ import numpy as np
 
 from lepton_jax import adapters, cli, config_lib, data, experiment, flops, monitor, objectives
 from lepton_jax import pretrained, sharding, steps, train, train_state
+from lepton_jax.data import packing
 from lepton_jax.model import ModelConfig, Transformer
 
 cli.define_flags()
@@ -153,8 +154,11 @@ class StepTimer:
       rng = np.random.default_rng(0)
       tokens = rng.integers(0, self.model_config.vocab_size,
                             (config.batch_size, config.seq_len + 1), dtype=np.int32)
-      self._batch = jax.device_put({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]},
-                                   batch_sharding)
+      batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
+      if config.data.document_masking:  # The pipeline's columns; documents end at id 0 here
+        # (the attention mask costs the same wherever they end).
+        batch['segment_ids'], batch['positions'] = packing.document_segments(batch['inputs'], 0)
+      self._batch = jax.device_put(batch, batch_sharding)
       start = time.perf_counter()
       self._run(1)
       self.compile_seconds = time.perf_counter() - start

@@ -58,11 +58,14 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[jax.Devi
   batch_sharding = sharding.batch_sharding(mesh, rules)
   tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32,
                                 sharding=batch_sharding)
+  batch = {'inputs': tokens, 'targets': tokens}
+  if config.data.document_masking:  # The pipeline's per-document columns (data/pipeline.py).
+    batch.update(segment_ids=tokens, positions=tokens)
   with sharding.use_mesh(mesh, rules):
     step_fn = train_state.jit_train_step(model, tx, schedule, config, layout, batch_sharding)
     compiled = step_fn.lower(checkpoint.abstract_like(layout.state, layout.state_shardings),
                              checkpoint.abstract_like(layout.frozen, layout.frozen_shardings),
-                             {'inputs': tokens, 'targets': tokens}).compile()
+                             batch).compile()
   return compiled, layout
 
 
@@ -136,6 +139,8 @@ def main(argv):
   print(f'{"per device":32s} {"bytes":>16s} {"GiB":>8s}')
   for name, size in memory_report(compiled, layout).items():
     print(f'{name:32s} {size:16,d} {size / 2**30:8.3f}')
+  if _TOPOLOGY.value:  # Proof that attention='splash' compiled to its kernel (forward, dq, dkv).
+    print(f'Pallas kernel calls in the compiled step: {compiled.as_text().count("tpu_custom_call")}')
   if _COLLECTIVES.value:
 
     print(collectives.format_table(collectives.count(compiled.as_text())))

@@ -8,6 +8,9 @@ With packing, rows hold several examples, placed by best-fit decreasing (longest
 the row it fills most tightly), which depends on the examples alone; segment ids number a row's
 examples 1, 2, ... and 0 is padding, so attention can keep to one example (model/attention.py).
 Without, each example has a row of its own, right-padded: causal attention alone keeps it apart.
+
+Language-model rows, windows of the document stream, get the same two columns from
+`document_segments` when config.data.document_masking is on.
 """
 import bisect
 from collections.abc import Sequence
@@ -61,6 +64,20 @@ def pack(examples: Sequence[formats.Example], seq_len: int, packing: bool, side:
       segment_ids[r, start:end], positions[r, start:end] = segment, np.arange(end - start)
       start = end
   return Rows(inputs, targets, loss_mask, segment_ids, positions, truncated, emptied)
+
+
+def document_segments(inputs_RT: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """(segment_ids, positions) int32 [R, T] of rows cut from the document stream, where every
+  document ends with eos: a new segment starts after each eos (and at the row's first token, a
+  document's continuation), and positions count from each segment's first token."""
+  T = inputs_RT.shape[1]
+  starts_RT = np.zeros(inputs_RT.shape, bool)
+  starts_RT[:, 0] = True
+  starts_RT[:, 1:] = inputs_RT[:, :-1] == eos_id
+  segment_ids_RT = np.cumsum(starts_RT, axis=1, dtype=np.int32)
+  index_T = np.arange(T, dtype=np.int32)
+  start_RT = np.maximum.accumulate(np.where(starts_RT, index_T, 0), axis=1)
+  return segment_ids_RT, index_T - start_RT
 
 
 def _best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -20,6 +20,10 @@ Task records (`data.source='jsonl'`, data/formats.py) are tokenized up front int
 packed into rows once (data/packing.py); training visits those rows in the same reseeded
 shuffle, so resuming is exact in the same way. Their batches add 'positions' (restarting per
 example) and, when packed, 'segment_ids'; 'mask' holds the targets config.objective trains on.
+
+With `data.document_masking`, language-model batches add 'segment_ids' and 'positions' too, one
+segment per document of a row, so attention never crosses a document boundary and rope positions
+restart with every document (what MaxText and Levanter do).
 """
 from collections.abc import Callable, Sequence
 import time
@@ -97,9 +101,20 @@ def _windows(stream: np.ndarray, row_ids: np.ndarray, seq_len: int) -> np.ndarra
   return stream[row_ids[:, None] * seq_len + np.arange(seq_len + 1)]
 
 
-def _rows_to_batch(rows_RL: np.ndarray) -> Batch:
+def _rows_to_batch(rows_RL: np.ndarray, document_eos: int | None = None) -> Batch:
+  """{'inputs', 'targets'}; with `document_eos` (data.document_masking: the eos id) also the
+  rows' 'segment_ids' and 'positions', one segment per document (packing.document_segments)."""
   rows_RL = rows_RL.astype(np.int32)
-  return {'inputs': rows_RL[:, :-1], 'targets': rows_RL[:, 1:]}
+  batch = {'inputs': rows_RL[:, :-1], 'targets': rows_RL[:, 1:]}
+  if document_eos is not None:
+    batch['segment_ids'], batch['positions'] = packing.document_segments(batch['inputs'],
+                                                                         document_eos)
+  return batch
+
+
+def _document_eos(config: ml_collections.ConfigDict,
+                  tokenizer: tokenizers.Tokenizer) -> int | None:
+  return tokenizer.eos_id if config.data.get('document_masking', False) else None
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
@@ -122,7 +137,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: tokenizers
   else:
     tokens = _tokenize_split(config.data, 'train', tokenizer)
     num_rows = (len(tokens) - 1) // seq_len
-    rows_to_batch = lambda row_ids: _rows_to_batch(_windows(tokens, row_ids, seq_len))
+    rows_to_batch = lambda row_ids: _rows_to_batch(_windows(tokens, row_ids, seq_len),
+                                                   _document_eos(config, tokenizer))
     if not num_rows:
       raise ValueError(f'The train split of {sources.describe_source(config.data)} has only '
                        f'{len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; '
@@ -242,7 +258,7 @@ def _streamed_batches(config: ml_collections.ConfigDict, tokenizer: tokenizers.T
     rows = grain.experimental.WindowShuffleIterDataset(
         rows, window_size=config.data.shuffle_window, seed=config.seed)
   batches = rows.batch(local_batch_size, drop_remainder=True).map(
-      lambda packed: _rows_to_batch(packed['tokens']))
+      lambda packed: _rows_to_batch(packed['tokens'], _document_eos(config, tokenizer)))
   return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=4)
 
 
@@ -301,7 +317,7 @@ def make_eval_batches(config: ml_collections.ConfigDict, tokenizer: tokenizers.T
   for index in range(num_batches):
     first = index * batch_size + process_index * local_batch_size
     row_ids = np.arange(first, first + local_batch_size)
-    batch = _rows_to_batch(_windows(stream, row_ids, seq_len))
+    batch = _rows_to_batch(_windows(stream, row_ids, seq_len), _document_eos(config, tokenizer))
     batch['mask'] = _windows(is_real, row_ids, seq_len)[:, 1:]  # Is each target real text?
     batches.append(batch)
   return batches
