@@ -8,9 +8,9 @@ nothing splash does not (no sliding window, k/v repeated for GQA), and it cannot
 CPU (it takes no interpret argument, and `pltpu.force_tpu_interpret_mode` reaches only what is
 traced inside it, not its backward kernels, traced later under jit or grad).
 
-Both run per device under `jax.shard_map` over the mesh axes that the logical rules give the
-activations' 'batch' and 'act_heads' (data/fsdp and tensor), so they compose with FSDP and tensor
-parallelism. Off TPU they run in Pallas interpret mode, which is how the tests check them against
+The kernel runs per device under `jax.shard_map` over the mesh axes that the logical rules give
+the activations' 'batch' and 'act_heads' (data/fsdp and tensor), so it composes with FSDP and
+tensor parallelism. Off TPU it runs in Pallas interpret mode, which is how the tests check them against
 the XLA path on CPU: slow, for tests only.
 
 The splash kernel's residuals (its output and logsumexp) are named RESIDUAL_NAME, so a remat
@@ -24,7 +24,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib
 from jax.sharding import PartitionSpec as P
 
 KERNELS = ('splash',)
-# The kernels tile the sequence in blocks of a multiple of this many tokens (TPU vector lanes).
+# The kernel tiles the sequence in blocks of a multiple of this many tokens (TPU vector lanes).
 LANES = 128
 RESIDUAL_NAME = 'attention_context'
 
