@@ -305,7 +305,8 @@ def base_config() -> ml_collections.ConfigDict:
       truncate='right',  # jsonl: which end of an example longer than seq_len + 1 is cut (counted).
       # Language-model rows (windows of the document stream): attention stays within a document
       # and positions restart after every eos (segment ids, as packed task rows have). Off:
-      # a row attends across the documents it holds. On CPU it costs (docs/benchmarks.md).
+      # a row attends across the documents it holds. Off for the CPU configs: a [B, T, T] mask
+      # per row instead of one causal mask (docs/benchmarks.md); on in the TPU configs.
       document_masking=False,
       # Cleaning of the train split, as it is read: steps=('exact_dedup', 'near_dedup',
       # 'decontaminate', 'pii', 'quality') in any order and subset; each one's options beside.
