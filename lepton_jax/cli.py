@@ -14,6 +14,7 @@ and hands its main to `run`:
 Bad config, data or input exits with one line naming what is wrong (`program: error: ...`).
 """
 import contextlib
+from collections.abc import Callable
 import logging as std_logging
 import os
 import sys
@@ -40,7 +41,9 @@ def define_flags() -> None:
       'cpu_devices', None, 'CPU-only runs: split this host into N JAX devices (e.g. one per '
       'core). XLA:CPU runs devices concurrently, so the many small ops of a small model, which '
       'one device runs one after another, spread over the cores; the mesh and the losses are '
-      'unchanged in meaning (data=-1 takes all N).', lower_bound=1)
+      'unchanged in meaning (data=-1 takes all N). Unset, training takes one device per core '
+      'for a small model and one device for a large one (flops.default_cpu_devices).',
+      lower_bound=1)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -69,14 +72,16 @@ def quiet_library_info_logs() -> None:
       lambda record: record.levelno >= std_logging.WARNING or record.pathname.startswith(own_code))
 
 
-def initialize_distributed() -> str:
-  """distributed.initialize with the multi-host flags; before any other JAX use."""
+def initialize_distributed(default_cpu_devices: Callable[[int], int] | None = None) -> str:
+  """distributed.initialize with the multi-host flags; before any other JAX use.
+  `default_cpu_devices(cores)` stands in for an unset --cpu_devices in a single process."""
   return distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                                FLAGS.cpu_devices)
+                                FLAGS.cpu_devices, default_cpu_devices)
 
 
 @contextlib.contextmanager
-def command_line(program: str, argv: list[str], needs_workdir: bool = True):
+def command_line(program: str, argv: list[str], needs_workdir: bool = True,
+                 default_cpu_devices: Callable[[int], int] | None = None):
   """Set-up and errors of a --config/--workdir command: checks the arguments, joins the
   multi-host job (before any other JAX use) and turns bad input into one line."""
   if len(argv) > 1:
@@ -85,7 +90,7 @@ def command_line(program: str, argv: list[str], needs_workdir: bool = True):
     raise app.UsageError('--workdir is required')
   quiet_library_info_logs()
   try:
-    initialize_distributed()
+    initialize_distributed(default_cpu_devices)
     yield
   # FloatingPointError: training stopped at a non-finite step (config.nonfinite='stop');
   # FileExistsError: an output directory that would be overwritten.

@@ -12,7 +12,7 @@ multi-host flags (lepton_jax/cli.py). It picks one of three modes:
 import os
 import pathlib
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from absl import logging
 import jax
@@ -26,15 +26,22 @@ _GCE_METADATA_URL = 'http://metadata.google.internal/computeMetadata/v1/instance
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, cpu_devices: int | None = None) -> str:
+               process_id: int | None = None, cpu_devices: int | None = None,
+               default_cpu_devices: Callable[[int], int] | None = None) -> str:
   """Joins the multi-process job this process belongs to, if any; returns the mode chosen.
 
-  `cpu_devices` splits a CPU host into that many JAX devices. Call before any other JAX use: it
-  starts the backend to log the device counts.
+  `cpu_devices` splits a CPU host into that many JAX devices; without it, a single process
+  takes `default_cpu_devices(cores)` when given, unless the environment already sets a count.
+  Either only shapes the CPU backend: on a TPU or GPU host the accelerator stays the default.
+  Call before any other JAX use: it starts the backend to log the device counts.
   """
+  mode = detect_mode(coordinator_address, num_processes, process_id, os.environ)
+  if cpu_devices is None and default_cpu_devices and mode == 'single' and not (
+      jax.config.jax_num_cpu_devices > 0
+      or 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')):
+    cpu_devices = default_cpu_devices(len(os.sched_getaffinity(0)))
   if cpu_devices:
     jax.config.update('jax_num_cpu_devices', cpu_devices)
-  mode = detect_mode(coordinator_address, num_processes, process_id, os.environ)
   if mode != 'single':
     # Cross-process collectives on the CPU backend need an implementation. gloo is today's
     # default; pinning it keeps CPU clusters working whatever the default becomes. It does not

@@ -191,6 +191,36 @@ def measured_cpu_peak_flops(size: int = 1024, warmup: int = 1, repeats: int = 5)
   return 2 * size**3 / best_seconds
 
 
+# A CPU-only train step of at most this many model FLOPs (the head's excluded) runs fastest on one
+# JAX device per core, a larger one on one device. Measured on 2 cores (docs/benchmarks.md, "One
+# CPU device or one per core"), 2 devices against 1: 1.35-1.46x at 3.8 GFLOP a step
+# (shakespeare_char), 1.02-1.06x at 20.5 (stdlib_tiny), 0.97-0.99x at 53 and 163, 0.88x at 419.
+CPU_SPLIT_MAX_STEP_FLOPS = 30e9
+
+
+def default_cpu_devices(config: ml_collections.ConfigDict, cores: int) -> int:
+  """The CPU devices a training run of `config` takes when --cpu_devices is not given.
+
+  One XLA:CPU device runs a step's ops one after another, each spread over the cores; a small
+  model's ops are too small to spread well, so one device per core (data parallel: each runs
+  its share of the batch at once) wins for it, and loses for a large one, whose matmuls already
+  fill the cores and which pays a gradient all-reduce. The split needs a batch that divides
+  evenly over the cores and micro-batches, and the default mesh (every device on `data`).
+  """
+  mesh = config.mesh
+  default_mesh = mesh.fsdp == mesh.tensor == 1 and mesh.data == -1
+  body = ml_collections.ConfigDict(config.model.to_dict())
+  body.vocab_size = 1  # Without the head: the vocabulary may be the tokenizer's, not built yet.
+  body_config = ModelConfig.from_config(body, config.lora, config.quant, config.prune,
+                                        config.peft, config.seed)
+  step_flops = (train_flops_per_token(body_config, config.seq_len) *
+                config.batch_size * config.seq_len)
+  if (cores > 1 and default_mesh and step_flops <= CPU_SPLIT_MAX_STEP_FLOPS and
+      config.batch_size % (cores * config.grad_accum_steps) == 0):
+    return cores
+  return 1
+
+
 def peak_flops_per_device(dtype) -> float | None:
   """Peak FLOP/s of this process's first device: the table on accelerators, measured on CPU.
 

@@ -273,8 +273,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return last_metrics
 
 
+def default_cpu_devices(cores: int) -> int:
+  """--cpu_devices left unset: the count that suits --config's model (its init_from's) here."""
+  return flops.default_cpu_devices(pretrained.resolve(cli.FLAGS.config), cores)
+
+
 def main(argv):
-  with cli.command_line('lepton-train', argv):
+  with cli.command_line('lepton-train', argv, default_cpu_devices=default_cpu_devices):
     train_and_evaluate(cli.FLAGS.config, cli.FLAGS.workdir)
 
 

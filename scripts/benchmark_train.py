@@ -177,7 +177,7 @@ class StepTimer:
 
 def main(argv):
   del argv
-  cli.initialize_distributed()
+  cli.initialize_distributed(train.default_cpu_devices)  # As lepton-train would.
   config = flags.FLAGS.config
   config_lib.validate(config)
   if flags.FLAGS.part == 'loop':

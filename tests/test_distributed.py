@@ -2,13 +2,18 @@
 2-process CPU job on localhost that reduces one array across both processes."""
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import portpicker
 import pytest
 
-from lepton_jax import distributed
+from tests.conftest import TEXT, read_metrics
+from lepton_jax import config_lib, distributed, flops
+
+REPO = pathlib.Path(__file__).parent.parent
 
 # Variables the mode decision reads; the test machine may itself run under one of these.
 _CLUSTER_VARS = (
@@ -168,3 +173,43 @@ def test_cpu_devices_flag_splits_the_host():
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.split() == ['3']
+
+
+def _config(path: str, **overrides):
+  return config_lib.override(config_lib.load_file(str(REPO / path)), overrides)
+
+
+@pytest.mark.parametrize('overrides,cores,expected', [
+    ({}, 2, 2),  # shakespeare_char: ~4 GFLOP a step.
+    ({}, 1, 1),
+    ({'batch_size': 13}, 2, 1),  # The batch does not split over the cores.
+    ({'grad_accum_steps': 4}, 2, 1),  # 12 rows do not make 4 micro-batches on each of 2 devices.
+    ({'mesh.tensor': 2}, 2, 1),  # A mesh of the user's own.
+    ({'model.d_ff': 65536}, 2, 1),  # ~300 GFLOP a step: its matmuls already fill the cores.
+])
+def test_default_cpu_devices_split_small_models_only(overrides, cores, expected):
+  config = _config('configs/shakespeare_char.py', **overrides)
+  assert flops.default_cpu_devices(config, cores) == expected
+
+
+def test_the_default_cpu_device_count_trains_the_losses_of_one_device(tmp_path):
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_text(TEXT)
+  flags_ = ['--config=configs/shakespeare_char.py', f'--config.data.path={corpus}',
+            '--config.model.num_layers=1', '--config.total_steps=4', '--config.log_every_steps=1',
+            '--config.sample.num_tokens=0']
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  logs, losses = {}, {}
+  for name, extra in (('default', []), ('one', ['--cpu_devices=1'])):
+    result = subprocess.run([sys.executable, '-m', 'lepton_jax.train', *flags_, *extra,
+                             f'--workdir={tmp_path / name}'], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs[name] = result.stderr
+    losses[name] = [r['train/loss'] for r in read_metrics(tmp_path / name) if 'train/loss' in r]
+  chosen = flops.default_cpu_devices(_config('configs/shakespeare_char.py',
+                                             **{'model.num_layers': 1}),
+                                     len(os.sched_getaffinity(0)))
+  assert f'{chosen} local devices' in logs['default'] and '1 local devices' in logs['one']
+  assert len(losses['default']) == 4
+  np.testing.assert_allclose(losses['default'], losses['one'], rtol=1e-5, atol=1e-5)
