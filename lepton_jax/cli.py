@@ -20,6 +20,7 @@ import os
 import sys
 
 from absl import app, flags, logging
+import jax
 from ml_collections import config_flags
 
 from lepton_jax import distributed
@@ -44,6 +45,10 @@ def define_flags() -> None:
       'unchanged in meaning (data=-1 takes all N). Unset, training takes one device per core '
       'for a small model and one device for a large one (flops.default_cpu_devices).',
       lower_bound=1)
+  flags.DEFINE_string(
+      'compilation_cache_dir', '~/.cache/lepton_jax/xla', "XLA's persistent compilation cache: a "
+      'rerun of the same program loads it instead of compiling it again (keys hold the program, '
+      "the jax version and the devices). '' turns it off; JAX_COMPILATION_CACHE_DIR wins.")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -73,8 +78,12 @@ def quiet_library_info_logs() -> None:
 
 
 def initialize_distributed(default_cpu_devices: Callable[[int], int] | None = None) -> str:
-  """distributed.initialize with the multi-host flags; before any other JAX use.
-  `default_cpu_devices(cores)` stands in for an unset --cpu_devices in a single process."""
+  """distributed.initialize with the multi-host flags, and the compilation cache; before any
+  other JAX use. `default_cpu_devices(cores)` stands in for an unset --cpu_devices in a single
+  process."""
+  if FLAGS.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.expanduser(FLAGS.compilation_cache_dir))
   return distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                 FLAGS.cpu_devices, default_cpu_devices)
 

@@ -192,7 +192,7 @@ def test_default_cpu_devices_split_small_models_only(overrides, cores, expected)
   assert flops.default_cpu_devices(config, cores) == expected
 
 
-def test_the_default_cpu_device_count_trains_the_losses_of_one_device(tmp_path):
+def test_the_default_cpu_device_count_trains_the_losses_of_one_device_and_caches(tmp_path):
   corpus = tmp_path / 'corpus.txt'
   corpus.write_text(TEXT)
   flags_ = ['--config=configs/shakespeare_char.py', f'--config.data.path={corpus}',
@@ -200,7 +200,9 @@ def test_the_default_cpu_device_count_trains_the_losses_of_one_device(tmp_path):
             '--config.sample.num_tokens=0']
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   logs, losses = {}, {}
-  for name, extra in (('default', []), ('one', ['--cpu_devices=1'])):
+  cache = tmp_path / 'xla_cache'
+  for name, extra in (('default', [f'--compilation_cache_dir={cache}']),
+                      ('one', ['--cpu_devices=1', '--compilation_cache_dir='])):
     result = subprocess.run([sys.executable, '-m', 'lepton_jax.train', *flags_, *extra,
                              f'--workdir={tmp_path / name}'], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
@@ -212,4 +214,5 @@ def test_the_default_cpu_device_count_trains_the_losses_of_one_device(tmp_path):
                                      len(os.sched_getaffinity(0)))
   assert f'{chosen} local devices' in logs['default'] and '1 local devices' in logs['one']
   assert len(losses['default']) == 4
+  assert any(cache.iterdir())  # The compiled train step, for the next run.
   np.testing.assert_allclose(losses['default'], losses['one'], rtol=1e-5, atol=1e-5)
