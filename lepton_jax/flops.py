@@ -61,11 +61,12 @@ def matmul_params(model_config: ModelConfig) -> int:
   """Weights that each token multiplies once per forward pass (LoRA adapters included).
 
   The LM head counts even when tied to the embedding: the lookup is a gather, the head a matmul.
+  A classify head reads one position a row: next to the rest, nothing per token.
   """
   if model_config.vocab_size <= 0:
     raise ValueError('vocab_size must be resolved (from the tokenizer) before counting FLOPs.')
   per_layer = attention_projection_params(model_config) + mlp_params(model_config)
-  lm_head = model_config.d_model * model_config.vocab_size
+  lm_head = model_config.d_model * model_config.vocab_size if model_config.head == 'lm' else 0
   return model_config.num_layers * per_layer + lm_head + lora_params(model_config)
 
 
@@ -123,6 +124,19 @@ def train_flops_per_token(model_config: ModelConfig, seq_len: int,
   """
   full = TRAIN_TO_FORWARD_FLOPS * forward_flops_per_token(model_config, seq_len)
   return full - 2 * frozen_matmul_params
+
+
+def objective_flops_per_token(config: ml_collections.ConfigDict, model_config: ModelConfig,
+                              frozen_matmul_params: int = 0) -> float:
+  """Train FLOPs per token of the batch_size x seq_len a step counts, for config.objective: a
+  dpo row is a pair (chosen and rejected through the policy), with the frozen reference's
+  forward pass over both unless its log-probs are precomputed."""
+  train = train_flops_per_token(model_config, config.seq_len, frozen_matmul_params)
+  if config.objective != 'dpo':
+    return train
+  reference = (0.0 if config.dpo.precompute_ref_log_probs
+               else forward_flops_per_token(model_config, config.seq_len))
+  return 2 * (train + reference)
 
 
 # Dense peak FLOP/s per JAX device, as (bf16, f32). The f32 column is what a default-precision f32

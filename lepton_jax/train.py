@@ -132,7 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      objective.params_copy)
     frozen_matmuls = flops.frozen_matmul_params(layout.variables, layout.trainable_mask,
                                                 run.model_config.tie_embeddings)
-    flops_per_token = flops.train_flops_per_token(run.model_config, config.seq_len, frozen_matmuls)
+    flops_per_token = flops.objective_flops_per_token(config, run.model_config, frozen_matmuls)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     latest = checkpointer.latest_step()
     precompute = config.objective == 'dpo' and config.dpo.precompute_ref_log_probs

@@ -125,6 +125,24 @@ def test_unknown_mlp_and_unresolved_vocab_raise():
     flops.train_flops_per_token(make_model_config(vocab_size=0), 64)
 
 
+def test_a_classify_head_counts_no_vocabulary_matmul():
+  lm, classify = make_model_config(), make_model_config(head='classify', num_labels=12)
+  assert (flops.matmul_params(lm) - flops.matmul_params(classify) ==
+          lm.d_model * lm.vocab_size)
+
+
+@pytest.mark.parametrize('precompute', [False, True])
+def test_a_dpo_row_is_a_pair_with_its_reference_forward_unless_precomputed(precompute):
+  config = config_lib.base_config()
+  config.objective, config.dpo.precompute_ref_log_probs = 'dpo', precompute
+  model_config = make_model_config()
+  train = flops.train_flops_per_token(model_config, config.seq_len)
+  reference = 0 if precompute else flops.forward_flops_per_token(model_config, config.seq_len)
+  assert flops.objective_flops_per_token(config, model_config) == 2 * (train + reference)
+  config.objective = 'lm'
+  assert flops.objective_flops_per_token(config, model_config) == train
+
+
 def test_sliding_window_reduces_attention_flops():
   seq_len = 512
   full = flops.attention_flops_per_token(make_model_config(), seq_len)
