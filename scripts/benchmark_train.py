@@ -14,13 +14,13 @@ batches, so data loading and logging are not measured. Prints one line of JSON w
 all-reduce across data-parallel devices, without clipping and the optimizer); `--part=fwd` the
 loss alone. MFU is reported for whole steps only.
 
-`--part=loop` runs lepton-train's loop itself (the config's data, logging every step, monitoring
+`--part=loop` runs lepton-train's loop itself (the config's data and logging cadence, monitoring
 off) for `--steps` steps and then the isolated step above for as many, alternating `--repeats`
 times, and prints the median seconds per step of each (the loop's perf/step_seconds:
 compilation, evaluation and checkpoints excluded) and `loop_overhead`, what the loop adds to the
-step (loop / step - 1). `--monitoring` adds a loop run with each part of lepton_jax/monitor.py
-that can be switched on, and one with all of them, and what one record's memory figures cost,
-which every variant pays:
+step (loop / step - 1). `--monitoring` logs every step and adds a loop run with each part of
+lepton_jax/monitor.py that can be switched on, and one with all of them, and what one record's
+memory figures cost, which every variant pays:
 
   python scripts/benchmark_train.py --config=configs/shakespeare_char.py \
       --config.data.path=.../tinyshakespeare.txt --part=loop --steps=200 --repeats=3
@@ -74,9 +74,12 @@ def monitoring_variants(steps_: int) -> dict[str, dict]:
 def time_loop(config) -> dict:
   """Median perf/step_seconds of lepton-train's loop under each monitoring variant, beside the
   isolated step's seconds on the same config."""
-  config = config_lib.override(config, {
-      'total_steps': flags.FLAGS.steps, 'log_every_steps': 1, 'sample.num_tokens': 0,
-      'eval_every_steps': 10 * flags.FLAGS.steps, 'checkpoint_every_steps': flags.FLAGS.steps})
+  overrides = {'total_steps': flags.FLAGS.steps, 'sample.num_tokens': 0,
+               'eval_every_steps': 10 * flags.FLAGS.steps,
+               'checkpoint_every_steps': flags.FLAGS.steps}
+  if flags.FLAGS.monitoring:
+    overrides['log_every_steps'] = 1  # What each part costs a logged record.
+  config = config_lib.override(config, overrides)
   root = flags.FLAGS.workdir or tempfile.mkdtemp(prefix='lepton_loop_benchmark_')
   if config.data.tokenizer == 'sentencepiece' and not config.data.tokenizer_path:
     config.data.tokenizer_path = data.tokenizers.trained_model_path(config.data, root)  # Once.
@@ -92,7 +95,8 @@ def time_loop(config) -> dict:
       train.train_and_evaluate(config_lib.override(config, overrides), workdir)
       with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
         records = [json.loads(line) for line in f]
-      seconds[name] += [r['perf/step_seconds'] for r in records[2:] if 'perf/step_seconds' in r]
+      timed = [r['perf/step_seconds'] for r in records if 'perf/step_seconds' in r]
+      seconds[name] += timed[1:] or timed  # The first window warms up.
     step_seconds.append(step.seconds_per_step(flags.FLAGS.steps))
   loop_ms = {name: round(1000 * statistics.median(s), 3) for name, s in seconds.items()}
   step_ms = 1000 * statistics.median(step_seconds)
@@ -125,6 +129,11 @@ def jit_part(part: str, model, config, layout: train_state.Layout, batch_shardin
                                           batch_sharding),
                    out_shardings=out_sharding)
   return lambda state, frozen, batch: (state, jitted(state.trainable, frozen, batch))
+
+
+# Steps dispatched ahead of the host: XLA:CPU deadlocks in a cross-device all-reduce when some
+# hundreds of multi-device steps are queued at once (200 on 2 devices did; 30 never has).
+MAX_QUEUED_STEPS = 16
 
 
 class StepTimer:
@@ -164,8 +173,10 @@ class StepTimer:
       self.compile_seconds = time.perf_counter() - start
 
   def _run(self, steps: int) -> None:
-    for _ in range(steps):
+    for step in range(steps):
       self._state, metrics = self._step_fn(self._state, self._frozen, self._batch)
+      if step % MAX_QUEUED_STEPS == MAX_QUEUED_STEPS - 1:
+        jax.block_until_ready(metrics)
     jax.block_until_ready(metrics)
 
   def seconds_per_step(self, steps: int) -> float:
