@@ -1,6 +1,6 @@
 """SFT of a trained lepton run on reasoning-gym questions (scripts/reasoning_tasks.py).
 
-  python scripts/reasoning_tasks.py --out_dir=/tmp/reasoning
+  python scripts/reasoning_tasks.py --questions_dir=/tmp/reasoning
   python -m lepton_jax.train --config=configs/sft_reasoning.py:/tmp/stdlib_tiny,/tmp/reasoning \
       --workdir=/tmp/sft_full [--config.lora.targets="('q','k','v','o','up','down','gate')"]
   python scripts/reasoning_tasks.py --data_dir=/tmp/reasoning --workdir=/tmp/sft_full

@@ -2,7 +2,7 @@
 scored by each reasoning-gym task's own score_answer.
 
   python scripts/reasoning_accuracy.py --config=configs/sft_reasoning.py:/tmp/stdlib_tiny,/tmp/reasoning \
-      --workdir=/tmp/sft_full --data_dir=/tmp/reasoning [--format=chat] [--out=accuracy.json]
+      --workdir=/tmp/sft_full --data_dir=/tmp/reasoning [--format=chat] [--accuracy_json=accuracy.json]
 
 The same --config and --workdir as lepton-train (the pretrained run before SFT: its own config,
 configs/stdlib_tiny.py). Every question of test_id.jsonl and test_ood.jsonl is put to the run's
@@ -25,7 +25,7 @@ flags.DEFINE_string('data_dir', None, 'The directory scripts/reasoning_tasks.py 
 flags.DEFINE_enum('format', 'prompt_completion', ['prompt_completion', 'chat'],
                   'How the questions are put to the model: as the run trained on them.')
 flags.DEFINE_integer('max_new_tokens', 16, 'Tokens an answer may take.', lower_bound=1)
-flags.DEFINE_string('out', None, 'Also write the accuracies (and a few answers) to this JSON.')
+flags.DEFINE_string('accuracy_json', None, 'Also write the accuracies (and a few answers) to this JSON.')
 
 SPLITS = ('test_id', 'test_ood')
 
@@ -88,8 +88,8 @@ def main(argv):
         results[f'{split}_answers'] = [  # One per task: what the numbers stand for.
             {'prompt': records[i]['prompt'], 'answer': greedy[i],
              'expected': records[i]['item']['answer']} for i in firsts.values()]
-  if f.out:
-    pathlib.Path(f.out).write_text(json.dumps(results, indent=2))
+  if f.accuracy_json:
+    pathlib.Path(f.accuracy_json).write_text(json.dumps(results, indent=2))
   print(json.dumps({split: results[split] for split in SPLITS}), flush=True)
 
 

@@ -1,6 +1,6 @@
 """Arithmetic and string tasks from reasoning-gym for SFT, with held-out splits to score.
 
-  python scripts/reasoning_tasks.py --out_dir=/tmp/reasoning
+  python scripts/reasoning_tasks.py --questions_dir=/tmp/reasoning
 
 Writes, from fixed seeds, train.jsonl (prompt_completion records: the task's question
 as the prompt, ' ' + its answer as the completion) and train_chat.jsonl (the same as chats: a user
@@ -17,7 +17,7 @@ import pathlib
 from absl import app, flags
 import numpy as np
 
-flags.DEFINE_string('out_dir', None, 'Write the task files here.')
+flags.DEFINE_string('questions_dir', None, 'Write the task files here.')
 flags.DEFINE_integer('train_size', 1500, 'Training records per task.')
 flags.DEFINE_integer('test_size', 100, 'Scored questions per task and split.')
 
@@ -101,10 +101,10 @@ def main(argv):
   f = flags.FLAGS
   import reasoning_gym  # pylint: disable=g-import-not-at-top  (the tasks extra)
   splits = make_splits(reasoning_gym.create_dataset, f.train_size, f.test_size)
-  write(f.out_dir, splits)
+  write(f.questions_dir, splits)
   print(json.dumps({split: len(items) for split, items in splits.items()}))
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('out_dir')
+  flags.mark_flag_as_required('questions_dir')
   app.run(main)
