@@ -1,4 +1,5 @@
-"""Test-process setup: 8 simulated CPU devices and a persistent XLA compilation cache; a fake gs://;
+"""Test-process setup: 8 simulated CPU devices and a persistent XLA compilation cache (shared with
+the commands tests start); a fake gs://;
 and the helpers tests share (`tiny_config`, `override`, `read_metrics`, `TEXT`, and for Hugging Face
 tests `save_tiny_hf_llama`, `save_tiny_hf_models`, `save_tiny_chat_tokenizer`, `finetune_config`):
 tests import them from here, never from each other.
@@ -20,13 +21,13 @@ if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Through the environment, so the commands tests start (lepton-train, scripts) share the cache.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'lepton_jax_test_xla_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import jax  # pylint: disable=g-import-not-at-top  (flags above must precede the first import)
-
-jax.config.update('jax_compilation_cache_dir',
-                  os.path.join(tempfile.gettempdir(), 'lepton_jax_test_xla_cache'))
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 from lepton_jax import config_lib  # pylint: disable=g-import-not-at-top
 
