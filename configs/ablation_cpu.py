@@ -8,12 +8,21 @@ end. Sized so that the 51 runs of the five sweeps fit in under two hours on a 2-
 takes a bigger model and more steps from the command line.
 
   python scripts/ablate.py --sweep=configs/sweeps/gated_mlp.py --workdir=/tmp/ablations/gated_mlp
+
+The argument `val_full` adds an evaluator over the whole validation split (169 stdlib files, not
+the default window's first 16k tokens) at the last step: eval/val_full/bits_per_byte.
 """
+import ml_collections
+
 from lepton_jax import config_lib
 
 
+ARGS = ('', 'val_full')
+
+
 def get_config(arg=None):
-  del arg
+  if (arg or '') not in ARGS:
+    raise ValueError(f'configs/ablation_cpu.py: argument {arg!r}; it takes one of {ARGS}')
   config = config_lib.base_config()
   config.total_steps = 250
   config.batch_size = 16
@@ -33,4 +42,8 @@ def get_config(arg=None):
   config.optimizer.learning_rate = 3e-3
   config.optimizer.warmup_steps = 25
   config.sample.num_tokens = 0
+  if arg == 'val_full':
+    # More batches than the split holds: the evaluator takes all it has (data.make_eval_batches).
+    config.evals.val_full = ml_collections.ConfigDict(
+        dict(type='lm', every=config.total_steps, batches=10**6))
   return config
