@@ -16,7 +16,7 @@ from tests.conftest import tiny_config
 
 REPO = pathlib.Path(__file__).parent.parent
 # The studies docs/ablations.md reproduces, each a sweep file that names its paper.
-PUBLISHED = ('gated_mlp', 'positions', 'norms', 'schedules', 'lr_stability')
+PUBLISHED = ('gated_mlp', 'positions', 'norms', 'schedules', 'lr_stability', 'decontamination')
 
 
 def ablate(*args):
@@ -151,6 +151,9 @@ def test_published_sweep_files_expand_to_valid_runs(name):
   if name == 'gated_mlp':  # Equal MLP parameters: 3 x gated d_ff == 2 x ungated d_ff.
     widths = {c.overrides['model.mlp']: c.overrides['model.d_ff'] for c in cells}
     assert 3 * widths['swiglu'] == 3 * widths['geglu'] == 2 * widths['gelu'] == 2 * widths['relu']
+  if name == 'decontamination':  # Both cells scored on the whole validation split too.
+    assert base.evals.val_full.type == 'lm' and base.evals.val_full.every == base.total_steps
+    assert {c.overrides['data.filters.steps'] for c in cells} == {(), ('decontaminate',)}
 
 
 def test_runs_from_trained_weights_keep_their_sources_tokenizer(tmp_path):
