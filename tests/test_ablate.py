@@ -130,6 +130,19 @@ def test_pending_cells_are_marked_in_the_table():
   assert rows[1] == '| 2 | 4.0000 | +2.5000 | 10 | — | — | — | 6 | 1 ok, 1 pending |'
 
 
+def test_final_plot_draws_the_first_axis_with_a_line_per_label_of_the_others():
+  axes = {'lr': {'1e-3': {}, '1e-2': {}}, 'norm': {'none': {}, 'qk': {}}}
+  cells = [grid.Cell((('lr', lr), ('norm', norm)), seed, {})
+           for norm in axes['norm'] for lr in axes['lr'] for seed in (0, 1)]
+  # Results out of grid order, and one cell with no finished run.
+  values = {('1e-2', 'none'): (3.0, 5.0), ('1e-3', 'none'): (1.0, 1.0), ('1e-2', 'qk'): (2.0,)}
+  results = {f'lr={lr},norm={norm},seed={seed}': {'status': 'ok', 'final': {'m': v}, 'params': 1}
+             for (lr, norm), vs in values.items() for seed, v in enumerate(vs)}
+  series = report.final_series(axes, report.summarize(cells, results, 'm'))
+  assert series == {'none': [(0, 1.0, 0.0), (1, 4.0, np.std([3, 5], ddof=1))],
+                    'qk': [(1, 2.0, None)]}
+
+
 @pytest.mark.parametrize('flag,message', [
     ('model.mlpx=a,b', r'config.model.mlpx=.a. names no field'),
     ('model.mlp=swiglu,gelux', r"config.model.mlp='gelux': expected one of"),

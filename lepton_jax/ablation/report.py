@@ -6,8 +6,9 @@ with seeds, the difference of the means), parameters, the last checkpoint's trai
 parameters, optimizer-state and checkpoint bytes, and median training tokens/s. Runs that
 failed are counted in the row and listed below the table with their error; cells not run yet
 (another --shard's) are marked pending. curves.png draws each cell's validation curve (the mean
-over its seeds); final.png each cell's final metric with the seeds' standard deviation;
-budget.png the same against trainable parameters (log scale), what adapter studies compare.
+over its seeds); final.png each cell's final metric with the seeds' standard deviation against
+the first axis's labels, a line per label of the others; budget.png the same against trainable
+parameters (log scale), what adapter studies compare.
 """
 import io
 import json
@@ -120,20 +121,39 @@ def plot_curves(cells: list[grid.Cell], results: dict[str, dict], metric: str,
   plt.close(figure)
 
 
-def plot_final(rows: list[dict], metric: str, path: epath.Path) -> None:
-  """Each cell's final `metric`: the mean over seeds, with their standard deviation."""
+def final_series(axes: grid.Axes, rows: list[dict]) -> dict[str, list[tuple]]:
+  """The final-metric points to plot: x is the index of a cell's label on the first axis, and a
+  series per combination of the other axes' labels ('' with one axis), each point
+  (x, mean, std over seeds), in x order."""
+  first = next(iter(axes))
+  series = {}
+  for row in rows:
+    if row['values']:
+      rest = ','.join(label for axis, label in row['labels'].items() if axis != first)
+      x = list(axes[first]).index(row['labels'][first])
+      series.setdefault(rest, []).append((x, *_mean_std(row['values'])))
+  return {name: sorted(points) for name, points in series.items()}
+
+
+def plot_final(axes: grid.Axes, rows: list[dict], metric: str, path: epath.Path) -> None:
+  """Each cell's final `metric` (mean over seeds, their standard deviation) against the first
+  axis's labels; with more axes, a line per combination of the others (loss against learning
+  rate, with and without a stabilizer)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  measured = [r for r in rows if r['values']]
-  figure, ax = plt.subplots(figsize=(max(4, 0.9 * len(measured) + 2), 4.5))
-  stats = [_mean_std(r['values']) for r in measured]
-  ax.errorbar(range(len(measured)), [m for m, _ in stats], yerr=[s or 0 for _, s in stats],
-              fmt='o', capsize=4)
-  ax.set_xticks(range(len(measured)),
-                [','.join(r['labels'].values()) or 'baseline' for r in measured],
-                rotation=30, ha='right')
+  first = next(iter(axes))
+  series = final_series(axes, rows)
+  figure, ax = plt.subplots(figsize=(max(4, 0.9 * len(axes[first]) + 2), 4.5))
+  for name, points in series.items():
+    xs, means, stds = zip(*points)
+    ax.errorbar(xs, means, yerr=[s or 0 for s in stds], fmt='o-' if name else 'o', capsize=4,
+                label=name or None)
+  ax.set_xticks(range(len(axes[first])), list(axes[first]), rotation=30, ha='right')
+  ax.set_xlabel(first)
   ax.set_ylabel(f'final {metric}')
+  if any(series):
+    ax.legend(fontsize='small')
   ax.grid(alpha=0.3)
   _save(figure, path)
   plt.close(figure)
@@ -169,6 +189,6 @@ def write(workdir: epath.Path, axes: grid.Axes, cells: list[grid.Cell],
   markdown = table(axes, rows, results, metric)
   paths.write_atomically(workdir / 'table.md', markdown.encode())
   plot_curves(cells, results, metric, workdir / 'curves.png')
-  plot_final(rows, metric, workdir / 'final.png')
+  plot_final(axes, rows, metric, workdir / 'final.png')
   plot_budget(rows, metric, workdir / 'budget.png')
   return markdown
