@@ -3,9 +3,9 @@
 stdlib_tiny's model (4 layers, d 192, GQA 6/2, SwiGLU, RMSNorm, RoPE; SentencePiece BPE 1024 on
 the standard library) for 250 steps of 16 x 128 tokens (512k tokens), evaluated every 50 steps
 on 8 batches of held-out stdlib files; bits per byte is what the sweeps compare. No sample at the
-end. Sized so that the 51 runs of the five sweeps fit in under two hours on a 2-core AVX2 CPU
-(two sweep shards side by side, one core and one device each: docs/ablations.md); a TPU slice
-takes a bigger model and more steps from the command line.
+end. On a 2-core AVX2 CPU, with two sweep shards side by side (one core and one device each), a
+run takes ~3 minutes and the 51 runs of the five published sweeps took 80 minutes
+(docs/ablations.md); a TPU slice takes a bigger model and more steps from the command line.
 
   python scripts/ablate.py --sweep=configs/sweeps/gated_mlp.py --workdir=/tmp/ablations/gated_mlp
 
