@@ -38,6 +38,15 @@ def test_configs_that_start_from_weights_need_their_source(name):
     importlib.import_module(f'configs.{name}').get_config()
 
 
+def test_ablation_cpu_names_the_arguments_it_takes():
+  config = importlib.import_module('configs.ablation_cpu').get_config('val_full')
+  assert config.evals.val_full.every == config.total_steps  # Scored once, at the last step.
+  assert 'val_full' not in importlib.import_module('configs.ablation_cpu').get_config().evals
+  with pytest.raises(ValueError, match=r"configs/ablation_cpu.py: argument 'full'; it takes one "
+                                       r"of \('', 'val_full'\)"):
+    importlib.import_module('configs.ablation_cpu').get_config('full')
+
+
 @pytest.mark.parametrize('name,arg,chips', [
     ('llama_1b', 'v5e-16', 16), ('llama_1b', 'v5p-8', 4), ('llama_1b', 'v5e-256', 256),
     ('llama2_7b', 'v5p-128', 64), ('llama2_7b', 'v5p-256', 128), ('llama2_7b', 'v5e-256', 256)])
